@@ -1,0 +1,39 @@
+"""sprintjax: SANA-Sprint (sCM + LADD one-step distillation) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Pinned together with requirements.txt (the full lock used by `make`); keep the two in step.
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "clu==0.0.12",
+    "absl-py==2.5.1",
+    "etils==1.15.0",
+    "tensorboard==2.21.0",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "protobuf==7.36.2",
+    "pillow==13.0.0",
+    "tqdm==4.70.1",
+]
+# PyTorch side: parity tests, diffusers export and the mobile path. `import sprintjax` never needs it.
+TORCH = ["torch==2.13.0", "diffusers==0.42.1"]
+DEV = ["pytest==9.2.0", "ruff==0.17.6", "nbmake==1.5.5", "ipykernel==7.4.0"]
+
+setup(
+    name="sprintjax",
+    version="0.1.0",
+    description="SANA-Sprint one-step text-to-image distillation (sCM + LADD) in JAX/Flax",
+    packages=find_packages(include=["sprintjax", "sprintjax.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require={"torch": TORCH, "dev": TORCH + DEV},
+    entry_points={"console_scripts": ["sprintjax=sprintjax.cli:main"]},
+)
