@@ -1,0 +1,43 @@
+"""Two-way conversion between diffusers transformer folders and sprintjax params checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sprintjax.convert.diffusers_io import read_diffusers, write_diffusers
+from sprintjax.convert.params_ckpt import load_params, save_params
+from sprintjax.convert.table import params_to_state_dict, state_dict_to_params
+from sprintjax.model import SanaTransformer
+from sprintjax.model_config import ModelConfig
+
+
+def diffusers_to_params(src: str | Path) -> tuple[dict, ModelConfig]:
+    """Reads a diffusers folder into (params, config); strict about every tensor."""
+    cfg, state = read_diffusers(src)
+    return state_dict_to_params(state, cfg, SanaTransformer(cfg).param_shapes()), cfg
+
+
+def params_to_diffusers(dst: str | Path, params: dict, cfg: ModelConfig, force: bool = False) -> None:
+    """Writes params as a diffusers folder; checked before anything is written."""
+    state = params_to_state_dict(params, cfg, SanaTransformer(cfg).param_shapes())
+    write_diffusers(dst, cfg, state, force=force)
+
+
+def import_diffusers(src: str | Path, dst: str | Path, force: bool = False) -> ModelConfig:
+    """`sprintjax import-diffusers`: diffusers folder -> Orbax params checkpoint + model config JSON."""
+    params, cfg = diffusers_to_params(src)
+    save_params(dst, params, cfg, force=force)
+    return cfg
+
+
+def export_diffusers(src: str | Path, dst: str | Path, force: bool = False) -> ModelConfig:
+    """`sprintjax export-diffusers`: Orbax params checkpoint -> diffusers folder."""
+    params, cfg = load_params(src)
+    params_to_diffusers(dst, params, cfg, force=force)
+    return cfg
+
+
+__all__ = [
+    "diffusers_to_params", "export_diffusers", "import_diffusers", "load_params", "params_to_diffusers",
+    "save_params",
+]

@@ -1,0 +1,209 @@
+"""The SANA Linear DiT with diffusers' `SanaTransformer2DModel` forward, used purely functionally.
+
+`params` is a plain dict pytree whose top-level keys mirror diffusers' module names; the per-layer tensors of
+`transformer_blocks` are stacked on a leading layer axis and the blocks run under `lax.scan` (optionally
+rematerialised), so compile time does not grow with depth. Inputs and outputs are NCHW like diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sprintjax.errors import ShapeError
+from sprintjax.layers import (
+    MASK_BIAS,
+    CaptionProjection,
+    CrossAttention,
+    Dense,
+    LayerNorm,
+    LinearAttention,
+    MixFFN,
+    RMSNorm,
+    TimeEmbed,
+    hi,
+    layer_norm,
+)
+from sprintjax.model_config import ModelConfig
+
+_REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _table_init(dim):
+    """diffusers initialises scale-shift tables as randn / sqrt(D)."""
+    return lambda key, shape, dtype=jnp.float32: jax.random.normal(key, shape, dtype) / math.sqrt(dim)
+
+
+class Embed(nn.Module):
+    """Patch embedding, time (+ guidance) embedding, caption projection and caption RMSNorm."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_nhwc, timestep, caption, guidance):
+        cfg, d, p = self.cfg, self.cfg.hidden_size, self.cfg.patch_size
+        h = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype, param_dtype=jnp.float32,
+                    name="patch_embed")(x_nhwc)
+        tokens = hi(h.reshape(h.shape[0], -1, d))
+        temb6, cond = TimeEmbed(d, cfg.guidance_embeds, cfg.dtype, name="time_embed")(timestep, guidance)
+        y = CaptionProjection(d, cfg.dtype, name="caption_projection")(caption)
+        y = RMSNorm(1e-5, name="caption_norm")(y)
+        return tokens, temb6, cond, y
+
+
+class Block(nn.Module):
+    """adaLN-modulated linear self-attention, ungated cross-attention, gated Mix-FFN (facts §7)."""
+
+    cfg: ModelConfig
+    hw: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, x, temb6, y, y_bias):
+        cfg, d = self.cfg, self.cfg.hidden_size
+        table = self.param("scale_shift_table", _table_init(d), (6, d), jnp.float32)
+        mod = table[None] + temb6.reshape(x.shape[0], 6, d)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
+        qk = cfg.qk_norm is not None
+        h = layer_norm(x, cfg.norm_eps) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * LinearAttention(cfg.num_attention_heads, qk, cfg.attention_bias, cfg.dtype,
+                                           name="attn1")(h)
+        x = x + CrossAttention(cfg.num_cross_attention_heads, cfg.cross_attention_head_dim, qk, cfg.dtype,
+                               name="attn2")(x, y, y_bias)
+        h = LayerNorm(cfg.norm_eps, cfg.norm_elementwise_affine, name="norm2")(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * MixFFN(cfg.mlp_hidden, self.hw, cfg.dtype, name="ff")(h)
+
+
+class Final(nn.Module):
+    """shift, scale = table[2, D] + cond; LN(x)(1 + scale) + shift -> Linear(D -> p*p*C_out)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cond):
+        cfg, d = self.cfg, self.cfg.hidden_size
+        table = self.param("scale_shift_table", _table_init(d), (2, d), jnp.float32)
+        shift, scale = jnp.split(table[None] + cond[:, None], 2, axis=1)
+        h = layer_norm(x, 1e-6) * (1 + scale) + shift
+        return Dense(cfg.patch_size**2 * cfg.out_ch, dtype=cfg.dtype, name="proj_out")(h)
+
+
+EMBED_KEYS = ("patch_embed", "time_embed", "caption_projection", "caption_norm")
+FINAL_KEYS = ("scale_shift_table", "proj_out")
+
+
+class SanaTransformer:
+    """Pure-functional SANA transformer: `init(rng) -> params`, `apply(params, ...) -> velocity`."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+
+    # ---- parameters ----
+    def init(self, rng) -> dict:
+        cfg = self.config
+        k_embed, k_blocks, k_final = jax.random.split(rng, 3)
+        x, t, y, g, tok, temb6, ybias = self._dummies()
+        params = dict(Embed(cfg).init(k_embed, x, t, y, g)["params"])
+        block = Block(cfg, (1, 1))
+        init_block = lambda k: block.init(k, tok, temb6, tok, ybias)["params"]
+        params["transformer_blocks"] = jax.vmap(init_block)(jax.random.split(k_blocks, cfg.num_layers))
+        params.update(Final(cfg).init(k_final, tok, tok[:, 0])["params"])
+        return params
+
+    def param_shapes(self) -> dict:
+        """Parameter shapes and dtypes without allocating (jax.eval_shape)."""
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+    def _dummies(self):
+        cfg, d, p = self.config, self.config.hidden_size, self.config.patch_size
+        f = jnp.float32
+        return (jnp.zeros((1, p, p, cfg.in_channels), f), jnp.zeros((1,), f), jnp.zeros((1, 1, cfg.caption_channels), f),
+                jnp.zeros((1,), f), jnp.zeros((1, 1, d), f), jnp.zeros((1, 6 * d), f), jnp.zeros((1, 1), f))
+
+    # ---- forward ----
+    def apply(self, params, x, timestep, caption, caption_mask=None, guidance=None):
+        """Velocity of the flow model: diffusers' forward(x, caption, timestep, guidance, caption_mask).
+
+        x: [B, C, H, W]; timestep: scalar or [B] (flow-matching time, t_FM in [0, 1] for SANA-Sprint);
+        caption: [B, L, caption_channels]; caption_mask: [B, L] of 1 (keep) / 0 (pad) or None;
+        guidance: [B] guidance-embedder input (already multiplied by guidance_embeds_scale, as diffusers'
+        pipeline passes it), required iff config.guidance_embeds. Returns float32 [B, C_out, H, W].
+        """
+        out, _ = self.forward(params, x, timestep, caption, caption_mask, guidance)
+        return out
+
+    def forward(self, params, x, timestep, caption, caption_mask=None, guidance=None, features_after=()):
+        """Like `apply`, also returning aux: the conditioning embedding and block features.
+
+        features_after: 0-based block indices whose output tokens [B, N, D] are returned in
+        aux["features"] (in the order given); used by the LADD discriminator.
+        """
+        cfg = self.config
+        b, hh, ww, timestep, caption_mask, guidance = self._check(x, timestep, caption, caption_mask, guidance)
+        x_nhwc = jnp.transpose(x, (0, 2, 3, 1))
+        tokens, temb6, cond, y = Embed(cfg).apply({"params": {k: params[k] for k in EMBED_KEYS}},
+                                                  x_nhwc, timestep, caption, guidance)
+        y_bias = (1.0 - hi(caption_mask)) * MASK_BIAS
+        tokens, feats = self._blocks(params["transformer_blocks"], tokens, temb6, y, y_bias, (hh, ww),
+                                     features_after)
+        out = Final(cfg).apply({"params": {k: params[k] for k in FINAL_KEYS}}, tokens, cond)
+        p = cfg.patch_size
+        out = out.reshape(b, hh, ww, p, p, cfg.out_ch).transpose(0, 5, 1, 3, 2, 4)
+        out = hi(out.reshape(b, cfg.out_ch, hh * p, ww * p))
+        return out, {"cond": cond, "features": feats}
+
+    def _blocks(self, stacked, tokens, temb6, y, y_bias, hw, features_after):
+        block = Block(self.config, hw)
+
+        def body(h, p):
+            return block.apply({"params": p}, h, temb6, y, y_bias), None
+
+        policy = _REMAT[self.config.remat]
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=policy)
+        feats, start = {}, 0
+        for end in sorted(set(features_after)):
+            if not 0 <= end < self.config.num_layers:
+                raise ShapeError(f"feature layer {end} outside 0..{self.config.num_layers - 1}")
+            segment = jax.tree.map(lambda a, s=start, e=end: a[s:e + 1], stacked)
+            tokens, _ = jax.lax.scan(body, tokens, segment)
+            feats[end], start = tokens, end + 1
+        if start < self.config.num_layers:
+            tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[start:], stacked))
+        return tokens, [feats[i] for i in features_after]
+
+    def _check(self, x, timestep, caption, caption_mask, guidance):
+        """Shape checks with messages that name the mismatch; broadcasts timestep/guidance to [B]."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ShapeError(f"latents must be [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ShapeError(f"latent height/width {h}x{w} must be divisible by patch_size {cfg.patch_size}")
+        if caption.ndim != 3 or caption.shape[0] != b or caption.shape[2] != cfg.caption_channels:
+            raise ShapeError(f"caption embeddings must be [{b}, L, {cfg.caption_channels}], got "
+                             f"{tuple(caption.shape)}")
+        if caption_mask is None:
+            caption_mask = jnp.ones(caption.shape[:2], jnp.float32)
+        elif tuple(caption_mask.shape) != tuple(caption.shape[:2]):
+            raise ShapeError(f"caption mask must be {tuple(caption.shape[:2])}, got {tuple(caption_mask.shape)}")
+        if cfg.guidance_embeds and guidance is None:
+            raise ShapeError("this model has a guidance embedder (guidance_embeds=True): pass guidance")
+        if not cfg.guidance_embeds and guidance is not None:
+            raise ShapeError("this model has no guidance embedder (guidance_embeds=False): guidance must be None")
+        timestep = jnp.broadcast_to(jnp.asarray(timestep), (b,))
+        if guidance is not None:
+            guidance = jnp.broadcast_to(jnp.asarray(guidance), (b,))
+        return b, h // cfg.patch_size, w // cfg.patch_size, timestep, caption_mask, guidance
+
+
+def count_params(params) -> int:
+    """Number of scalars in a params pytree (works on ShapeDtypeStructs too)."""
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))

@@ -1,0 +1,154 @@
+"""The SANA Linear DiT configuration: diffusers' `SanaTransformer2DModel` fields plus how we compute.
+
+The diffusers fields keep diffusers' names and defaults so that a `config.json` converts both ways without a
+dictionary of renames. The sprintjax fields (`dtype`, `remat`) say how the same function is computed; they never
+change what it computes in float32 and are not written to a diffusers config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from sprintjax.errors import ConfigError
+
+# Keys diffusers writes into config.json that carry no model semantics.
+_DIFFUSERS_META = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+QK_NORMS = (None, "rms_norm_across_heads")
+DTYPES = ("float32", "bfloat16", "float64")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every field of diffusers' SanaTransformer2DModel config (facts §7), plus compute settings."""
+
+    in_channels: int = 32
+    out_channels: int | None = 32
+    num_attention_heads: int = 70
+    attention_head_dim: int = 32
+    num_layers: int = 20
+    num_cross_attention_heads: int | None = 20
+    cross_attention_head_dim: int | None = 112
+    cross_attention_dim: int | None = 2240
+    caption_channels: int = 2304
+    mlp_ratio: float = 2.5
+    dropout: float = 0.0
+    attention_bias: bool = False
+    sample_size: int = 32
+    patch_size: int = 1
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-6
+    interpolation_scale: int | None = None
+    guidance_embeds: bool = False
+    guidance_embeds_scale: float = 0.1
+    qk_norm: str | None = None
+    timestep_scale: float = 1.0
+    # --- sprintjax compute settings (not part of the diffusers config) ---
+    dtype: str = "float32"  # compute dtype of matmuls/convs; attention, norms and softmax stay >= float32
+    remat: str = "none"  # rematerialisation of each transformer block: none | full | dots
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size % max(self.num_attention_heads, 1):
+            problems.append("num_attention_heads must divide the hidden size")
+        if self.cross_attention_dim != self.hidden_size:
+            problems.append(
+                f"cross_attention_dim ({self.cross_attention_dim}) must equal num_attention_heads * "
+                f"attention_head_dim ({self.hidden_size}): SANA projects captions to the hidden size"
+            )
+        if not self.num_cross_attention_heads or not self.cross_attention_head_dim:
+            problems.append("num_cross_attention_heads and cross_attention_head_dim are required")
+        if self.qk_norm not in QK_NORMS:
+            problems.append(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if self.interpolation_scale is not None:
+            problems.append("interpolation_scale (sin-cos positional embedding) is not supported; SANA uses None")
+        if self.patch_size < 1:
+            problems.append("patch_size must be >= 1")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def cross_inner_dim(self) -> int:
+        return self.num_cross_attention_heads * self.cross_attention_head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio * self.hidden_size)  # GLUMBConv: int(expand_ratio * in_channels)
+
+    @property
+    def out_ch(self) -> int:
+        return self.out_channels or self.in_channels
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    # ---- diffusers config.json <-> ModelConfig ----
+    @classmethod
+    def from_diffusers(cls, cfg: dict[str, Any], **compute) -> ModelConfig:
+        """Reads a diffusers config dict; unknown keys are an error, not silently dropped."""
+        cls_name = cfg.get("_class_name", "SanaTransformer2DModel")
+        if cls_name != "SanaTransformer2DModel":
+            raise ConfigError(f"expected a SanaTransformer2DModel config, found _class_name={cls_name!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "remat"}
+        fields = {k: v for k, v in cfg.items() if k not in _DIFFUSERS_META}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"unknown SanaTransformer2DModel config keys: {unknown}")
+        return cls(**fields, **compute)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("dtype"), d.pop("remat")
+        return {"_class_name": "SanaTransformer2DModel", "_diffusers_version": "0.42.1", **d}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        d = json.loads(text)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
+        return cls(**d)
+
+
+def _sprint(d: int, layers: int, cross_heads: int, cross_dim: int, guidance: bool) -> ModelConfig:
+    return ModelConfig(
+        num_attention_heads=d // 32,
+        attention_head_dim=32,
+        num_layers=layers,
+        num_cross_attention_heads=cross_heads,
+        cross_attention_head_dim=cross_dim,
+        cross_attention_dim=d,
+        caption_channels=2304,
+        sample_size=32,
+        guidance_embeds=guidance,
+        qk_norm="rms_norm_across_heads",
+    )
+
+
+# Sana-Sprint students (facts §7) and their TrigFlow teachers: the same trunk (dense time embedding and
+# QK-norm after the paper's §3.2 adaptation) without the guidance embedder.
+PRESETS: dict[str, ModelConfig] = {
+    "sana_sprint_600m": _sprint(1152, 28, 16, 72, guidance=True),
+    "sana_sprint_1600m": _sprint(2240, 20, 20, 112, guidance=True),
+    "sana_600m_teacher": _sprint(1152, 28, 16, 72, guidance=False),
+    "sana_1600m_teacher": _sprint(2240, 20, 20, 112, guidance=False),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
