@@ -7,6 +7,7 @@ rematerialised), so compile time does not grow with depth. Inputs and outputs ar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -99,11 +100,14 @@ EMBED_KEYS = ("patch_embed", "time_embed", "caption_projection", "caption_norm")
 FINAL_KEYS = ("scale_shift_table", "proj_out")
 
 
+@dataclasses.dataclass(frozen=True)
 class SanaTransformer:
-    """Pure-functional SANA transformer: `init(rng) -> params`, `apply(params, ...) -> velocity`."""
+    """Pure-functional SANA transformer: `init(rng) -> params`, `apply(params, ...) -> velocity`.
 
-    def __init__(self, config: ModelConfig):
-        self.config = config
+    Holds only the (hashable) config, so it can be a static argument of `jax.jit`.
+    """
+
+    config: ModelConfig
 
     # ---- parameters ----
     def init(self, rng) -> dict:

@@ -1,0 +1,141 @@
+"""The `sprintjax` command line: one subcommand per job; user errors print one message, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sprintjax.errors import SprintjaxError
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    """np.load without pickle (never unpickle): object arrays are refused."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise SprintjaxError(f"{what} file not found: {path}") from None
+    except ValueError as e:
+        raise SprintjaxError(f"{what} file {path} is not a plain numeric .npy: {e}") from None
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    import io
+
+    from sprintjax.fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def cmd_import_diffusers(a):
+    from sprintjax.convert import import_diffusers
+
+    print(f"reading diffusers weights from {a.src} ...", flush=True)
+    cfg = import_diffusers(a.src, a.dst, force=a.force)
+    print(f"wrote sprintjax params checkpoint {a.dst} ({cfg.num_layers} layers, hidden {cfg.hidden_size})")
+
+
+def cmd_export_diffusers(a):
+    from sprintjax.convert import export_diffusers
+
+    print(f"reading sprintjax params checkpoint {a.src} ...", flush=True)
+    export_diffusers(a.src, a.dst, force=a.force)
+    print(f"wrote diffusers folder {a.dst} (SanaTransformer2DModel.from_pretrained loads it)")
+
+
+def cmd_sample(a):
+    from sprintjax.convert import load_params
+    from sprintjax.model import SanaTransformer
+    from sprintjax.sampling import sample_from_arrays
+
+    if a.noise and a.seed is not None:
+        raise SprintjaxError("give either --noise or --seed, not both")
+    params, cfg = load_params(a.ckpt)
+    caption = _load_npy(a.caption_embeds, "caption embeddings")
+    mask = _load_npy(a.caption_mask, "caption mask") if a.caption_mask else None
+    noise = _load_npy(a.noise, "noise") if a.noise else None
+    print(f"sampling {caption.shape[0]} latents in {a.steps} step(s) ...", flush=True)
+    out = sample_from_arrays(SanaTransformer(cfg), params, caption, mask, steps=a.steps, noise=noise,
+                             seed=a.seed or 0, height=a.height, width=a.width, guidance_scale=a.guidance,
+                             t_mid=a.t_mid)
+    _save_npy(a.out, out)
+    print(f"wrote {a.out}: latents {out.shape} (x0 / sigma_d, the VAE's scale)")
+
+
+def cmd_info(a):
+    from sprintjax.model import SanaTransformer, count_params
+    from sprintjax.model_config import PRESETS, preset
+
+    if a.what in PRESETS:
+        cfg = preset(a.what)
+    else:
+        from sprintjax.convert.params_ckpt import read_model_config
+
+        cfg = read_model_config(a.what) if Path(a.what).is_dir() else preset(a.what)
+    shapes = SanaTransformer(cfg).param_shapes()
+    print(cfg.to_json())
+    print(f"parameters: {count_params(shapes):,} ({count_params(shapes) / 1e6:.2f}M)")
+
+
+def cmd_demo(a):
+    from sprintjax.demo import run_demo
+
+    run_demo(Path(a.workdir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sprintjax", description="SANA-Sprint one-step distillation in JAX.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("import-diffusers", help="diffusers transformer folder -> Orbax params checkpoint")
+    s.add_argument("src", help="folder with config.json and diffusion_pytorch_model*.safetensors")
+    s.add_argument("dst", help="output checkpoint folder (params/ + model_config.json)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    s.set_defaults(fn=cmd_import_diffusers)
+
+    s = sub.add_parser("export-diffusers", help="Orbax params checkpoint -> diffusers transformer folder")
+    s.add_argument("src", help="sprintjax params checkpoint folder")
+    s.add_argument("dst", help="output diffusers folder")
+    s.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    s.set_defaults(fn=cmd_export_diffusers)
+
+    s = sub.add_parser("sample", help="few-step TrigFlow sampling of a checkpoint; writes latents as .npy")
+    s.add_argument("ckpt", help="sprintjax params checkpoint folder (student or teacher)")
+    s.add_argument("--caption-embeds", required=True, help=".npy [B, L, caption_channels]")
+    s.add_argument("--caption-mask", help=".npy [B, L] of 1 (token) / 0 (padding); default all ones")
+    s.add_argument("--guidance", type=float, help="embedded guidance scale (students; default 4.5)")
+    s.add_argument("--steps", type=int, default=1, help="number of steps (1, 2, 4, ... any N >= 1)")
+    s.add_argument("--t-mid", type=float, default=1.3, help="intermediate time of the 2-step schedule")
+    s.add_argument("--noise", help=".npy [K, B, C, H, W] standard normal, one tensor per step (instead of --seed)")
+    s.add_argument("--seed", type=int, help="seed of the noise (default 0)")
+    s.add_argument("--height", type=int, help="latent height without --noise (default: config sample_size)")
+    s.add_argument("--width", type=int, help="latent width without --noise (default: config sample_size)")
+    s.add_argument("--out", required=True, help="output .npy, latents [B, C, H, W] in the VAE's scale")
+    s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
+    s.add_argument("what", help="a preset name (e.g. sana_sprint_600m) or a params checkpoint folder")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("demo", help="end to end on a random diffusers model: import, sample 1/2/4 steps, PNG")
+    s.add_argument("--workdir", default="runs/demo")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except SprintjaxError as e:
+        print(f"sprintjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

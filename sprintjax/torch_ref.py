@@ -1,0 +1,76 @@
+"""The PyTorch side, for parity checks and the demo: random diffusers models and diffusers' sampling loop.
+
+Imports torch and diffusers lazily (inside functions) so `import sprintjax` stays free of torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sprintjax.model_config import ModelConfig
+
+
+def random_diffusers_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
+    """A diffusers SanaTransformer2DModel with non-trivial random values in every tensor.
+
+    diffusers zero-initialises some tensors; here every one is drawn afresh (norm weights around 1), so a
+    conversion that drops or swaps any tensor changes the output.
+    """
+    import torch
+    from diffusers import SanaTransformer2DModel
+
+    fields = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
+    model = SanaTransformer2DModel(**fields).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * scale
+            p.copy_(noise + 1.0 if "norm" in name else noise)
+    return model
+
+
+def diffusers_velocity(model, x, t, caption, caption_mask=None, guidance=None) -> np.ndarray:
+    """diffusers' forward on numpy inputs (float32), returning numpy."""
+    import torch
+
+    tt = lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+    with torch.no_grad():
+        out = model(tt(x), encoder_hidden_states=tt(caption), timestep=tt(t), guidance=tt(guidance),
+                    encoder_attention_mask=tt(caption_mask), return_dict=False)[0]
+    return out.numpy()
+
+
+def diffusers_sample(model, caption, caption_mask, noise, steps: int, guidance_scale: float = 4.5,
+                     sigma_d: float = 0.5, t_mid: float = 1.3) -> np.ndarray:
+    """SanaSprintPipeline's denoising loop (TrigFlow transform + SCMScheduler times) with given noise.
+
+    noise [K, B, C, H, W] as in `sprintjax sample --noise`. Returns latent output (x0 / sigma_d).
+    diffusers' scheduler rejects an intermediate time unless steps == 2 (facts §8), so it gets None then.
+    """
+    import torch
+    from diffusers import SCMScheduler
+
+    sched = SCMScheduler(sigma_data=sigma_d, prediction_type="trigflow")
+    sched.set_timesteps(steps, max_timesteps=1.57080, intermediate_timesteps=t_mid if steps == 2 else None)
+    times = sched.timesteps
+    noise = torch.from_numpy(np.asarray(noise, np.float32))
+    caption = torch.from_numpy(np.asarray(caption, np.float32))
+    mask = None if caption_mask is None else torch.from_numpy(np.asarray(caption_mask, np.float32))
+    b = caption.shape[0]
+    guidance = None
+    if model.config.guidance_embeds:
+        guidance = torch.full((b,), guidance_scale) * model.config.guidance_embeds_scale
+    x = noise[0] * sigma_d
+    with torch.no_grad():
+        for k in range(steps):
+            s, t = times[k], times[k + 1]
+            tf = (torch.sin(s) / (torch.cos(s) + torch.sin(s))).expand(b)
+            tfb = tf.view(-1, 1, 1, 1)
+            x_fm = x / sigma_d * torch.sqrt(tfb**2 + (1 - tfb) ** 2)
+            v = model(x_fm, encoder_hidden_states=caption, encoder_attention_mask=mask, guidance=guidance,
+                      timestep=tf, return_dict=False)[0]
+            F = ((1 - 2 * tfb) * x_fm + (1 - 2 * tfb + 2 * tfb**2) * v) / torch.sqrt(tfb**2 + (1 - tfb) ** 2)
+            x0 = torch.cos(s) * x - torch.sin(s) * F * sigma_d
+            z = noise[k + 1] if k + 1 < steps else torch.zeros_like(x)
+            x = torch.cos(t) * x0 + torch.sin(t) * z * sigma_d
+    return (x0 / sigma_d).numpy()
