@@ -127,9 +127,9 @@ class SanaTransformer:
 
     def _dummies(self):
         cfg, d, p = self.config, self.config.hidden_size, self.config.patch_size
-        f = jnp.float32
-        return (jnp.zeros((1, p, p, cfg.in_channels), f), jnp.zeros((1,), f), jnp.zeros((1, 1, cfg.caption_channels), f),
-                jnp.zeros((1,), f), jnp.zeros((1, 1, d), f), jnp.zeros((1, 6 * d), f), jnp.zeros((1, 1), f))
+        z = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+        return (z(1, p, p, cfg.in_channels), z(1), z(1, 1, cfg.caption_channels), z(1), z(1, 1, d), z(1, 6 * d),
+                z(1, 1))
 
     # ---- forward ----
     def apply(self, params, x, timestep, caption, caption_mask=None, guidance=None):
