@@ -8,6 +8,7 @@ rematerialised), so compile time does not grow with depth. Inputs and outputs ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -111,6 +112,10 @@ class SanaTransformer:
 
     # ---- parameters ----
     def init(self, rng) -> dict:
+        """Random float32 params (compiled once per config)."""
+        return _init(self, rng)
+
+    def _init(self, rng) -> dict:
         cfg = self.config
         k_embed, k_blocks, k_final = jax.random.split(rng, 3)
         x, t, y, g, tok, temb6, ybias = self._dummies()
@@ -123,7 +128,7 @@ class SanaTransformer:
 
     def param_shapes(self) -> dict:
         """Parameter shapes and dtypes without allocating (jax.eval_shape)."""
-        return jax.eval_shape(self.init, jax.random.key(0))
+        return jax.eval_shape(self._init, jax.random.key(0))
 
     def _dummies(self):
         cfg, d, p = self.config, self.config.hidden_size, self.config.patch_size
@@ -206,6 +211,11 @@ class SanaTransformer:
         if guidance is not None:
             guidance = jnp.broadcast_to(jnp.asarray(guidance), (b,))
         return b, h // cfg.patch_size, w // cfg.patch_size, timestep, caption_mask, guidance
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: SanaTransformer, rng):
+    return model._init(rng)
 
 
 def count_params(params) -> int:

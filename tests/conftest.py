@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs covering every model option, and random-weight diffusers models saved once."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from sprintjax.model_config import ModelConfig  # noqa: E402
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                caption_channels=12, sample_size=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# Every option of facts §7 appears in at least one config; latents of several aspect ratios.
+PARITY_CONFIGS = {
+    "plain_p1": (tiny(), (8, 8)),
+    "sprint_p2": (tiny(patch_size=2, guidance_embeds=True, qk_norm="rms_norm_across_heads", attention_bias=True,
+                       norm_elementwise_affine=True), (8, 12)),
+    "cross_shape_p2": (tiny(patch_size=2, qk_norm="rms_norm_across_heads", num_cross_attention_heads=4,
+                            cross_attention_head_dim=4, out_channels=6, num_layers=3, mlp_ratio=2.0), (6, 10)),
+    "guidance_p1": (tiny(guidance_embeds=True, caption_channels=20, norm_eps=1e-5), (4, 16)),
+}
+
+
+@pytest.fixture(scope="session")
+def diffusers_models(tmp_path_factory):
+    """name -> (config, (H, W), torch model, saved folder); built once per test session."""
+    from sprintjax import torch_ref
+
+    root = tmp_path_factory.mktemp("diffusers")
+    out = {}
+    for i, (name, (cfg, hw)) in enumerate(PARITY_CONFIGS.items()):
+        model = torch_ref.random_diffusers_model(cfg, seed=i)
+        model.save_pretrained(root / name)
+        out[name] = (cfg, hw, model, root / name)
+    return out
+
+
+def inputs(cfg, hw, batch=2, length=5, seed=0, guidance=None):
+    """Model inputs with a padded caption in the second sample."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, cfg.in_channels, *hw)).astype(np.float32)
+    y = rng.standard_normal((batch, length, cfg.caption_channels)).astype(np.float32)
+    mask = np.ones((batch, length), np.float32)
+    mask[1:, 3:] = 0
+    t = rng.uniform(0.05, 0.95, batch).astype(np.float32)
+    g = rng.uniform(0.3, 0.5, batch).astype(np.float32) if cfg.guidance_embeds else None
+    return x, t, y, mask, g
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))

@@ -1,0 +1,120 @@
+"""The model itself: preset sizes (without allocating), compute dtypes, remat, features, input checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import inputs, rel_err, tiny
+
+import sprintjax
+from sprintjax.errors import ConfigError, ShapeError
+from sprintjax.model import SanaTransformer, count_params
+from sprintjax.model_config import ModelConfig, preset
+
+
+@pytest.mark.parametrize("name,millions", [("sana_sprint_600m", 593.50), ("sana_sprint_1600m", 1610.24)])
+def test_preset_parameter_counts_equal_diffusers(name, millions):
+    import torch
+    from diffusers import SanaTransformer2DModel
+
+    cfg = preset(name)
+    ours = count_params(SanaTransformer(cfg).param_shapes())  # jax.eval_shape: nothing allocated
+    fields = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in SanaTransformer2DModel(**fields).parameters())
+    assert ours == theirs
+    assert round(ours / 1e6, 2) == millions
+
+
+def test_teacher_presets_lack_only_the_guidance_embedder():
+    for size in ("600m", "1600m"):
+        student = SanaTransformer(preset(f"sana_sprint_{size}")).param_shapes()
+        teacher = SanaTransformer(preset(f"sana_{size}_teacher")).param_shapes()
+        guidance = count_params(student["time_embed"]["guidance_embedder"])
+        assert count_params(student) - count_params(teacher) == guidance
+
+
+def test_import_sprintjax_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sprintjax, sprintjax.convert, sprintjax.sampling, sprintjax.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    cfg = tiny(patch_size=2, guidance_embeds=True, qk_norm="rms_norm_across_heads", num_layers=4)
+    model = SanaTransformer(cfg)
+    return model, model.init(jax.random.key(0))
+
+
+def test_params_are_float32_and_stacked(model_and_params):
+    model, params = model_and_params
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
+    assert all(a.shape[0] == 4 for a in jax.tree.leaves(params["transformer_blocks"]))
+    assert sorted(params) == ["caption_norm", "caption_projection", "patch_embed", "proj_out", "scale_shift_table",
+                              "time_embed", "transformer_blocks"]
+
+
+def test_bfloat16_compute_stays_close_and_returns_float32(model_and_params):
+    model, params = model_and_params
+    x, t, y, mask, g = inputs(model.config, (8, 8))
+    ref = model.apply(params, x, t, y, mask, g)
+    out = SanaTransformer(model.config.replace(dtype="bfloat16")).apply(params, x, t, y, mask, g)
+    assert out.dtype == jnp.float32
+    assert 0 < rel_err(out, ref) < 5e-2
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_changes_nothing_but_memory(model_and_params, remat):
+    model, params = model_and_params
+    x, t, y, mask, g = inputs(model.config, (8, 8))
+    loss = lambda m: lambda p: jnp.sum(m.apply(p, x, t, y, mask, g) ** 2)  # noqa: E731
+    g_ref = jax.jit(jax.grad(loss(model)))(params)
+    g_remat = jax.jit(jax.grad(loss(SanaTransformer(model.config.replace(remat=remat)))))(params)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat), strict=True):
+        assert rel_err(b, a) < 1e-5
+
+
+def test_features_after_blocks_match_a_truncated_model(model_and_params):
+    model, params = model_and_params
+    x, t, y, mask, g = inputs(model.config, (8, 8))
+    out, aux = model.forward(params, x, t, y, mask, g, features_after=(2, 0))
+    np.testing.assert_array_equal(out, model.apply(params, x, t, y, mask, g))
+    # The feature after block 2 is the last hidden state of the same model cut to 3 layers.
+    short = SanaTransformer(model.config.replace(num_layers=3))
+    p3 = dict(params, transformer_blocks=jax.tree.map(lambda a: a[:3], params["transformer_blocks"]))
+    _, aux3 = short.forward(p3, x, t, y, mask, g, features_after=(2,))
+    np.testing.assert_allclose(aux["features"][0], aux3["features"][0], rtol=1e-6)
+    assert aux["features"][1].shape == (2, 16, model.config.hidden_size)
+    with pytest.raises(ShapeError, match="feature layer 4"):
+        model.forward(params, x, t, y, mask, g, features_after=(4,))
+
+
+def test_any_aspect_ratio_and_bad_shapes(model_and_params):
+    model, params = model_and_params
+    x, t, y, mask, g = inputs(model.config, (4, 12))
+    assert model.apply(params, x, t, y, mask, g).shape == (2, 4, 4, 12)
+    with pytest.raises(ShapeError, match="divisible by patch_size"):
+        model.apply(params, np.zeros((2, 4, 5, 8), np.float32), t, y, mask, g)
+    with pytest.raises(ShapeError, match="caption embeddings"):
+        model.apply(params, x, t, y[..., :3], mask, g)
+    with pytest.raises(ShapeError, match="caption mask"):
+        model.apply(params, x, t, y, mask[:, :2], g)
+    with pytest.raises(ShapeError, match="pass guidance"):
+        model.apply(params, x, t, y, mask, None)
+
+
+def test_config_validation_and_diffusers_keys():
+    with pytest.raises(ConfigError, match="cross_attention_dim"):
+        tiny(cross_attention_dim=24)
+    with pytest.raises(ConfigError, match="qk_norm"):
+        tiny(qk_norm="layer_norm")
+    with pytest.raises(ConfigError, match="unknown SanaTransformer2DModel config keys: \\['bogus'\\]"):
+        ModelConfig.from_diffusers({**tiny().to_diffusers(), "bogus": 1})
+    cfg = tiny(guidance_embeds=True)
+    assert ModelConfig.from_diffusers(cfg.to_diffusers()) == cfg
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert sprintjax.preset("sana_sprint_600m").hidden_size == 1152
