@@ -72,6 +72,10 @@ def cmd_info(a):
 
     if a.what in PRESETS:
         cfg = preset(a.what)
+    elif a.what.partition(":")[0].endswith(".py"):
+        from sprintjax.configlib import load_config, model_config
+
+        cfg = model_config(load_config(a.what))
     else:
         from sprintjax.convert.params_ckpt import read_model_config
 
@@ -118,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
-    s.add_argument("what", help="a preset name (e.g. sana_sprint_600m) or a params checkpoint folder")
+    s.add_argument("what", help="a preset name (e.g. sana_sprint_600m), a config file.py:arg, or a params checkpoint")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("demo", help="end to end on a random diffusers model: import, sample 1/2/4 steps, PNG")

@@ -90,6 +90,9 @@ class ModelConfig:
         return self.out_channels or self.in_channels
 
     def replace(self, **kw) -> ModelConfig:
+        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
         return dataclasses.replace(self, **kw)
 
     # ---- diffusers config.json <-> ModelConfig ----
