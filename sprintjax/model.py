@@ -148,11 +148,13 @@ class SanaTransformer:
         out, _ = self.forward(params, x, timestep, caption, caption_mask, guidance)
         return out
 
-    def forward(self, params, x, timestep, caption, caption_mask=None, guidance=None, features_after=()):
+    def forward(self, params, x, timestep, caption, caption_mask=None, guidance=None, features_after=(),
+                features_only=False):
         """Like `apply`, also returning aux: the conditioning embedding and block features.
 
         features_after: 0-based block indices whose output tokens [B, N, D] are returned in
-        aux["features"] (in the order given); used by the LADD discriminator.
+        aux["features"] (in the order given); used by the LADD discriminator, which also sets
+        features_only to skip the blocks after the last feature and the output layer (output None).
         """
         cfg = self.config
         b, hh, ww, timestep, caption_mask, guidance = self._check(x, timestep, caption, caption_mask, guidance)
@@ -161,14 +163,16 @@ class SanaTransformer:
                                                   x_nhwc, timestep, caption, guidance)
         y_bias = (1.0 - hi(caption_mask)) * MASK_BIAS
         tokens, feats = self._blocks(params["transformer_blocks"], tokens, temb6, y, y_bias, (hh, ww),
-                                     features_after)
+                                     features_after, features_only)
+        if features_only:
+            return None, {"cond": cond, "features": feats}
         out = Final(cfg).apply({"params": {k: params[k] for k in FINAL_KEYS}}, tokens, cond)
         p = cfg.patch_size
         out = out.reshape(b, hh, ww, p, p, cfg.out_ch).transpose(0, 5, 1, 3, 2, 4)
         out = hi(out.reshape(b, cfg.out_ch, hh * p, ww * p))
         return out, {"cond": cond, "features": feats}
 
-    def _blocks(self, stacked, tokens, temb6, y, y_bias, hw, features_after):
+    def _blocks(self, stacked, tokens, temb6, y, y_bias, hw, features_after, features_only=False):
         block = Block(self.config, hw)
 
         def body(h, p):
@@ -184,7 +188,7 @@ class SanaTransformer:
             segment = jax.tree.map(lambda a, s=start, e=end: a[s:e + 1], stacked)
             tokens, _ = jax.lax.scan(body, tokens, segment)
             feats[end], start = tokens, end + 1
-        if start < self.config.num_layers:
+        if start < self.config.num_layers and not features_only:
             tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[start:], stacked))
         return tokens, [feats[i] for i in features_after]
 

@@ -38,16 +38,20 @@ def t_trig_of(t_fm):
     return jnp.arctan2(t_fm, 1.0 - t_fm)
 
 
-def flow_to_trigflow(velocity: VelocityFn) -> VelocityFn:
-    """Prop. 3.1: the TrigFlow model F(x_hat, t) of a flow-matching velocity model v(x_fm, t_fm)."""
+def flow_to_trigflow(velocity: VelocityFn, has_aux: bool = False) -> VelocityFn:
+    """Prop. 3.1: the TrigFlow model F(x_hat, t) of a flow-matching velocity model v(x_fm, t_fm).
+
+    With has_aux, `velocity` returns (v, aux) and F returns (F, aux) (e.g. the student's logvar).
+    """
 
     def F(x_hat, t):
         tf = t_fm_of(jnp.broadcast_to(jnp.asarray(t, x_hat.dtype), x_hat.shape[:1]))
         tfb = _b(tf, x_hat)
         scale = jnp.sqrt(tfb**2 + (1 - tfb) ** 2)
         x_fm = x_hat * scale  # Eq. 7
-        v = velocity(x_fm, tf)
-        return ((1 - 2 * tfb) * x_fm + (1 - 2 * tfb + 2 * tfb**2) * v) / scale  # Eq. 8
+        v, aux = velocity(x_fm, tf) if has_aux else (velocity(x_fm, tf), None)
+        out = ((1 - 2 * tfb) * x_fm + (1 - 2 * tfb + 2 * tfb**2) * v) / scale  # Eq. 8
+        return (out, aux) if has_aux else out
 
     return F
 

@@ -1,0 +1,214 @@
+"""The SANA-Sprint training steps: `generator_step` (sCM + LADD generator loss, paper Eq. 9 + 11) and
+`discriminator_step` (hinge loss of the heads, Eq. 12), pure functions of (state, batch, rng).
+
+A batch is {"latents": [B, C, H, W] in the VAE's scale, "caption": [B, L, C_text], "caption_mask": [B, L]}.
+The steps alternate 1:1 on consecutive batches (the trainer's loop). `state.step` counts applied G and D
+iterations (the official global step): it drives the tangent warmup; each optimiser's own count drives its
+learning-rate schedule. A step whose gradient norm is non-finite changes nothing but its skip counter.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from sprintjax import ladd, scm, trigflow
+from sprintjax.came import scale_by_came
+from sprintjax.distill_config import DistillConfig
+from sprintjax.model import SanaTransformer
+from sprintjax.model_config import ModelConfig
+
+
+class DistillState(flax.struct.PyTreeNode):
+    step: jax.Array  # applied G + D iterations
+    student: Any  # {"net": SANA params with guidance embedder, "logvar": head}
+    g_opt: Any
+    heads: Any  # discriminator heads (trained)
+    heads_state: Any  # spectral-norm vectors and batch-norm running statistics
+    d_opt: Any
+    ema: Any  # EMA of the student params, or None
+    g_skipped: jax.Array
+    d_skipped: jax.Array
+    teacher: Any  # frozen teacher params (CFG teacher and discriminator trunk)
+    null_caption: jax.Array  # [L, C_text] unconditional embedding stored with the teacher
+
+
+def _stacked_mask(tree):
+    """True for leaves that carry one parameter per scanned layer (under `transformer_blocks`)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    marks = [any(getattr(k, "key", None) == "transformer_blocks" for k in path) for path, _ in flat]
+    return jax.tree.unflatten(jax.tree.structure(tree), marks)
+
+
+def make_optimizer(cfg: DistillConfig, lr: float, warmup: int, params) -> optax.GradientTransformation:
+    """Global-norm clip, CAME or AdamW, linear warmup to a constant lr (facts §6)."""
+    sched = optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
+    if cfg.optimizer == "came":
+        b1, b2, b3 = cfg.betas
+        core = optax.chain(scale_by_came(b1, b2, b3, cfg.eps[0], cfg.eps[1], stacked=_stacked_mask(params)),
+                           optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_learning_rate(sched))
+    else:
+        core = optax.adamw(sched, b1=cfg.betas[0], b2=cfg.betas[1], eps=1e-8, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), core)
+
+
+def _apply_if_finite(tx, grads, opt_state, params):
+    """One optimiser update, or (if the gradient norm is not finite) the inputs returned bit for bit."""
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(gnorm)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    return keep(new_params, params), keep(new_opt, opt_state), ok, gnorm
+
+
+class Distiller:
+    """Static description of a distillation run: models, config, optimisers. Holds no arrays."""
+
+    def __init__(self, teacher_cfg: ModelConfig, cfg: DistillConfig):
+        self.cfg = cfg
+        self.teacher = SanaTransformer(teacher_cfg)
+        self.student = SanaTransformer(teacher_cfg.replace(guidance_embeds=True))
+        self.blocks = cfg.disc_blocks(teacher_cfg.num_layers)
+
+    # ------------------------------------------------------------ init
+    def init(self, teacher_params, null_caption, rng) -> DistillState:
+        cfg = self.cfg
+        k_s, k_h = jax.random.split(rng)
+        _, student = scm.init_student(self.teacher.config, teacher_params, k_s)
+        heads, heads_state = ladd.init_heads(k_h, self.teacher.config, self.blocks, cfg.disc_kernel)
+        g_tx, d_tx = self.optimizers(student, heads)
+        return DistillState(
+            step=jnp.zeros([], jnp.int32), student=student, g_opt=g_tx.init(student), heads=heads,
+            heads_state=heads_state, d_opt=d_tx.init(heads),
+            ema=jax.tree.map(jnp.array, student) if cfg.ema_decay else None,
+            g_skipped=jnp.zeros([], jnp.int32), d_skipped=jnp.zeros([], jnp.int32),
+            teacher=jax.tree.map(jnp.array, teacher_params), null_caption=jnp.array(null_caption, jnp.float32))
+
+    def optimizers(self, student, heads):
+        cfg = self.cfg
+        return (make_optimizer(cfg, cfg.lr_g, cfg.warmup_steps_g, student),
+                make_optimizer(cfg, cfg.lr_d, cfg.warmup_steps_d, heads))
+
+    # ------------------------------------------------------------ shared pieces
+    def _cond(self, batch):
+        return batch["caption"], batch["caption_mask"].astype(jnp.float32)
+
+    def _student_time(self, rng, b):
+        """t ~ logit-normal(P_mean, P_std), replaced by max_time with probability max_time_prob (facts §5)."""
+        k_t, k_m = jax.random.split(rng)
+        t = trigflow.sample_time(k_t, (b,), self.cfg.p_mean, self.cfg.p_std, self.cfg.sigma_d)
+        return jnp.where(jax.random.uniform(k_m, (b,)) < self.cfg.max_time_prob, self.cfg.max_time, t)
+
+    def _d_time(self, rng, b):
+        return trigflow.sample_time(rng, (b,), self.cfg.d_p_mean, self.cfg.d_p_std, self.cfg.sigma_d)
+
+    def _noise(self, rng, x0, t):
+        """x_t = cos t x0 + sin t z, z ~ N(0, sigma_d^2 I) (facts §1)."""
+        z = jax.random.normal(rng, x0.shape) * self.cfg.sigma_d
+        tb = t[:, None, None, None]
+        return jnp.cos(tb) * x0 + jnp.sin(tb) * z
+
+    def _guidance(self, rng, b):
+        return jax.random.choice(rng, jnp.asarray(self.cfg.cfg_scales, jnp.float32), (b,))
+
+    # ------------------------------------------------------------ generator step
+    def generator_loss(self, student_params, state, batch, rng):
+        """1.0 * L_sCM (Eq. 9) + 0.5 * L_adv^G (Eq. 11); returns (loss, metrics)."""
+        cfg, sd = self.cfg, self.cfg.sigma_d
+        x0 = batch["latents"].astype(jnp.float32) * sd
+        y, mask = self._cond(batch)
+        b = x0.shape[0]
+        k_w, k_t, k_z, k_t2, k_z2, k_td, k_zd = jax.random.split(rng, 7)
+        w = self._guidance(k_w, b)
+        total, metrics = 0.0, {}
+        teacher_params = jax.lax.stop_gradient(state.teacher)
+        if cfg.use_scm:
+            t = trigflow.sample_time(k_t, (b,), cfg.p_mean, cfg.p_std, sd)
+            x_t = self._noise(k_z, x0, t)
+            dxt_dt = jax.lax.stop_gradient(scm.teacher_dxt_dt(self.teacher, teacher_params, state.null_caption,
+                                                              x_t, t, y, mask, w, sd))
+            r = jnp.minimum(1.0, (state.step + 1) / cfg.tangent_warmup_steps)  # tangent warmup
+            loss, metrics = scm.scm_loss(self.student, student_params, x_t, t, dxt_dt, y, mask, w, r, cfg)
+            total = total + cfg.scm_weight * loss
+            metrics["tangent_warmup"] = r
+        if cfg.use_ladd:
+            t2 = self._student_time(k_t2, b)
+            x0_hat = scm.denoise(self.student, student_params, self._noise(k_z2, x0, t2), t2, y, mask, w, sd)
+            t_d = self._d_time(k_td, b)
+            feats = ladd.teacher_features(self.teacher, teacher_params, self._noise(k_zd, x0_hat, t_d) / sd, t_d,
+                                          y, mask, self.blocks)
+            logits, _ = ladd.heads_logits(jax.lax.stop_gradient(state.heads), state.heads_state, feats,
+                                          self.blocks, virtual_batch=cfg.disc_virtual_batch)
+            adv = ladd.generator_adv_loss(logits)
+            total = total + cfg.adv_weight * adv
+            metrics["adv_loss"] = adv
+        metrics["g_loss"] = total
+        return total, metrics
+
+    def generator_step(self, state: DistillState, batch, rng):
+        (_, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(state.student, state, batch, rng)
+        g_tx, _ = self.optimizers(state.student, state.heads)
+        student, g_opt, ok, gnorm = _apply_if_finite(g_tx, grads, state.g_opt, state.student)
+        ema = state.ema
+        if self.cfg.ema_decay:
+            d = self.cfg.ema_decay
+            ema = jax.tree.map(lambda e, p: jnp.where(ok, d * e + (1 - d) * p, e), state.ema, student)
+        state = state.replace(student=student, g_opt=g_opt, ema=ema, step=state.step + ok,
+                              g_skipped=state.g_skipped + (1 - ok))
+        return state, dict(metrics, g_grad_norm=gnorm, g_skipped=state.g_skipped)
+
+    # ------------------------------------------------------------ discriminator step
+    def discriminator_step(self, state: DistillState, batch, rng):
+        """Heads only: real latents vs student samples (+ misaligned pairs), independent re-noising times."""
+        cfg, sd = self.cfg, self.cfg.sigma_d
+        x0 = batch["latents"].astype(jnp.float32) * sd
+        y, mask = self._cond(batch)
+        b = x0.shape[0]
+        k_w, k_t, k_z, k_tf, k_zf, k_tr, k_zr, k_ts, k_zs = jax.random.split(rng, 9)
+        w = self._guidance(k_w, b)
+        t_g = self._student_time(k_t, b)
+        fake = jax.lax.stop_gradient(scm.denoise(self.student, state.student, self._noise(k_z, x0, t_g), t_g,
+                                                 y, mask, w, sd))
+        t_fake = self._d_time(k_tf, b)
+        t_real = self._d_time(k_tr, b) if cfg.independent_d_times else t_fake
+        fakes, t_fakes, y_f, mask_f = self._noise(k_zf, fake, t_fake), t_fake, y, mask
+        if cfg.misaligned_pairs and b > 1:  # real latents rolled by one, captions not: wrong pairs are fakes
+            t_s = self._d_time(k_ts, b)
+            shifted = self._noise(k_zs, jnp.roll(x0, 1, axis=0), t_s)
+            fakes, t_fakes = jnp.concatenate([fakes, shifted]), jnp.concatenate([t_fake, t_s])
+            y_f, mask_f = jnp.concatenate([y, y]), jnp.concatenate([mask, mask])
+        teacher_params = jax.lax.stop_gradient(state.teacher)
+        feats = functools.partial(ladd.teacher_features, self.teacher, teacher_params, blocks=self.blocks)
+        f_fake = jax.lax.stop_gradient(feats(fakes / sd, t_fakes, y_f, mask_f))
+        f_real = jax.lax.stop_gradient(feats(self._noise(k_zr, x0, t_real) / sd, t_real, y, mask))
+        heads = functools.partial(ladd.heads_logits, blocks=self.blocks, virtual_batch=cfg.disc_virtual_batch,
+                                  update=True)
+
+        def loss_fn(params):
+            d_fake, hs = heads(params, state.heads_state, f_fake)
+            d_real, hs = heads(params, hs, f_real)
+            return ladd.discriminator_hinge_loss(d_real, d_fake), (d_real, d_fake, hs)
+
+        (loss, (d_real, d_fake, hs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.heads)
+        _, d_tx = self.optimizers(state.student, state.heads)
+        new_heads, d_opt, ok, gnorm = _apply_if_finite(d_tx, grads, state.d_opt, state.heads)
+        hs = jax.tree.map(lambda n, o: jnp.where(ok, n, o), hs, state.heads_state)
+        state = state.replace(heads=new_heads, d_opt=d_opt, heads_state=hs, step=state.step + ok,
+                              d_skipped=state.d_skipped + (1 - ok))
+        metrics = {"d_loss": loss, "d_real": jnp.mean(d_real), "d_fake": jnp.mean(d_fake),
+                   "d_acc_real": jnp.mean(jnp.mean(d_real, axis=1) > 0),
+                   "d_acc_fake": jnp.mean(jnp.mean(d_fake, axis=1) < 0),
+                   "d_grad_norm": gnorm, "d_skipped": state.d_skipped}
+        return state, metrics
+
+    # ------------------------------------------------------------ compiled steps
+    @functools.cached_property
+    def jitted(self):
+        """(generator_step, discriminator_step) compiled once each, donating the state."""
+        return (jax.jit(self.generator_step, donate_argnums=0), jax.jit(self.discriminator_step, donate_argnums=0))
