@@ -109,7 +109,8 @@ def test_teacher_cfg_is_one_batched_call_of_both_branches(setup):
 def test_continuous_time_limit_of_the_discrete_consistency_loss(setup):
     """Paper Eq. 2-3. With d = squared L2 and x_{t-dt} = x_t - dt dx_t/dt (the teacher's ODE step),
 
-        grad L_dt = 2 E<df_theta/dtheta, f_theta(x_t, t) - f_theta-(x_{t-dt}, t - dt)> = 2 dt E<df/dtheta, df-/dt> + O(dt^2)
+        grad L_dt = 2 E<df_theta/dtheta, f_theta(x_t, t) - f_theta-(x_{t-dt}, t - dt)>
+                  = 2 dt E<df/dtheta, df-/dt> + O(dt^2)
 
     and df_theta/dtheta = -sin t sigma_d dF_theta/dtheta (Eq. 4), while the unnormalised, unweighted sCM loss
     E||F_theta - F- - g||^2 with g = cos t df-/dt (r = 1) has gradient -2 cos t E<dF/dtheta, df-/dt>. Hence
