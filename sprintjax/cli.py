@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,45 @@ def cmd_info(a):
     print(f"parameters: {count_params(shapes):,} ({count_params(shapes) / 1e6:.2f}M)")
 
 
+def _init_distributed(a):
+    """jax.distributed when the launcher says so: explicit flags (local launcher) or auto-detect (TPU pods)."""
+    import jax
+
+    if a.coordinator:
+        jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.num_processes,
+                                   process_id=a.process_id)
+    elif a.distributed:
+        jax.distributed.initialize()
+
+
+def _run_config(a, overrides):
+    from sprintjax.configlib import load_config, parse_overrides, resolve
+
+    cfg = parse_overrides(load_config(a.config), overrides)
+    resolve(cfg)  # every unknown key fails here, before anything compiles
+    return cfg
+
+
+def cmd_train(a, overrides):
+    import logging
+
+    import absl.flags
+
+    from sprintjax.train import train
+
+    cfg = _run_config(a, overrides)
+    absl.flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+    ours = logging.getLogger("sprintjax")  # our progress lines; libraries stay at their WARNING default
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s sprintjax: %(message)s", "%H:%M:%S"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    _init_distributed(a)
+    status = train(cfg, a.workdir)
+    print(f"training {status}: {a.workdir}")
+
+
 def cmd_demo(a):
     from sprintjax.demo import run_demo
 
@@ -125,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", help="a preset name (e.g. sana_sprint_600m), a config file.py:arg, or a params checkpoint")
     s.set_defaults(fn=cmd_info)
 
+    s = sub.add_parser("train", help="distil (or adapt a teacher) from a config; rerun to resume",
+                       epilog="Override any config field with --config.section.key=value.")
+    s.add_argument("--config", required=True, help="config file and variant, e.g. configs/tiny.py:fsdp")
+    s.add_argument("--workdir", required=True, help="checkpoints, logs, metrics.jsonl, samples")
+    s.add_argument("--coordinator", help="host:port of process 0 (multi-process runs started by a launcher)")
+    s.add_argument("--num-processes", type=int, default=1)
+    s.add_argument("--process-id", type=int, default=0)
+    s.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
+    s.set_defaults(fn=cmd_train, takes_overrides=True)
+
     s = sub.add_parser("demo", help="end to end on a random diffusers model: import, sample 1/2/4 steps, PNG")
     s.add_argument("--workdir", default="runs/demo")
     s.set_defaults(fn=cmd_demo)
@@ -132,9 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's TensorBoard writer imports TensorFlow
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TensorFlow only writes summaries here
+    args, extra = build_parser().parse_known_args(argv)
     try:
-        args.fn(args)
+        if getattr(args, "takes_overrides", False):
+            args.fn(args, extra)
+        elif extra:
+            build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        else:
+            args.fn(args)
     except SprintjaxError as e:
         print(f"sprintjax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,67 @@
-"""Configs as Python files (the big_vision convention): `path/to/file.py:arg` calls `get_config(arg)`."""
+"""Configs as Python files (the big_vision convention): `--config path/to/file.py:arg` calls `get_config(arg)`,
+then `--config.a.b=value` overrides are applied. Every section converts to a typed, frozen dataclass, so an
+unknown key fails here, before anything compiles.
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
+from sprintjax.distill_config import DistillConfig
 from sprintjax.errors import ConfigError
 from sprintjax.model_config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dir: str = ""  # TFDS/ArrayRecord dataset folder; "" with synthetic > 0: written into WORKDIR/data
+    split: str = "train"
+    synthetic: int = 0  # number of synthetic examples to write (smoke configs), 0 for real data
+    global_batch: int = 8
+    worker_count: int = 0  # grain multiprocessing workers per process
+    prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "distill"  # distill (sCM + LADD) | teacher (flow-matching teacher adaptation, paper §3.2)
+    seed: int = 0
+    num_steps: int = 100  # iterations = batches; G and D alternate 1:1 when distilling
+    teacher_checkpoint: str = ""  # sprintjax params checkpoint; "" = random teacher (smoke runs only)
+    log_every: int = 10
+    ckpt_every: int = 50
+    keep: int = 3  # keep the last N checkpoints ...
+    keep_every: int = 0  # ... and every K-th step (0: none)
+    sample_every: int = 0  # PNG + TensorBoard sample grids (0: off)
+    num_samples: int = 4
+    profile_at: int = -1  # start a profiler window at this step (-1: never)
+    profile_steps: int = 5
+    max_nonfinite: int = 20  # stop after this many consecutive non-finite losses
+    lr: float = 2e-5  # teacher stage only (distillation lrs live in the distill section)
+    warmup_steps: int = 0  # teacher stage only
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    rules: tuple = ((".*", "fsdp"),)  # (regex over the state path, kind) for student, heads, optimisers
+    teacher_rules: tuple = ((".*", "fsdp"),)  # the frozen teacher may be sharded differently
+    min_fsdp_size: int = 1 << 14
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    distill: DistillConfig
+    data: DataConfig
+    train: TrainConfig
+    sharding: ShardingConfig
+    mesh: dict
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -25,11 +77,113 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def _parse(raw: str, like: Any):
+    if isinstance(like, bool):
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"expected a boolean, got {raw!r}")
+    if isinstance(like, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if like is None:
+            return raw
+        raise ConfigError(f"cannot parse {raw!r} as {type(like).__name__}") from None
+    if isinstance(like, float) and isinstance(value, int):
+        value = float(value)
+    if like is not None and not isinstance(value, type(like)) and not (isinstance(like, tuple | list)
+                                                                      and isinstance(value, tuple | list)):
+        raise ConfigError(f"expected {type(like).__name__}, got {raw!r}")
+    return tuple(value) if isinstance(value, list) else value
+
+
+def apply_override(cfg: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+    """Sets `a.b.c = raw` (parsed like the current value); an unknown key is an error."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for i, key in enumerate(parents):
+        if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
+            raise ConfigError(f"unknown config key: {'.'.join(parents[: i + 1])}")
+        node = node[key]
+    if leaf not in node:
+        raise ConfigError(f"unknown config key: {dotted}")
+    try:
+        node[leaf] = _parse(raw, node[leaf])
+    except TypeError as e:
+        raise ConfigError(f"cannot set {dotted} to {raw!r}: {e}") from None
+
+
+def parse_overrides(cfg: ml_collections.ConfigDict, argv: list[str]) -> ml_collections.ConfigDict:
+    """Applies `--config.a.b=value` (or `--config.a.b value`) arguments in order."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --config.a.b=value)")
+        key, eq, value = arg[len("--config."):].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value")
+            value, i = argv[i + 1], i + 1
+        apply_override(cfg, key, value)
+        i += 1
+    return cfg
+
+
+def _typed(cls, section, name):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    d = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(section or {})
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config keys in {name}: {unknown}")
+    d = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list | tuple) else v
+         for k, v in d.items()}
+    return cls(**d)
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> RunConfig:
+    """Typed view of a run config; every unknown key, at any level, is a ConfigError."""
+    known = {"model", "distill", "data", "train", "sharding", "mesh"}
+    unknown = sorted(set(cfg.keys()) - known)
+    if unknown:
+        raise ConfigError(f"unknown config sections: {unknown}")
+    mesh = dict(cfg.get("mesh", {"data": -1}))
+    if not mesh or not all(isinstance(v, int) for v in mesh.values()):
+        raise ConfigError(f"mesh must map axis names to sizes, got {mesh}")
+    train = _typed(TrainConfig, cfg.get("train"), "train")
+    if train.stage not in ("distill", "teacher"):
+        raise ConfigError(f"train.stage must be 'distill' or 'teacher', got {train.stage!r}")
+    return RunConfig(model=_typed(ModelConfig, cfg.model, "model"),
+                     distill=_typed(DistillConfig, cfg.get("distill"), "distill"),
+                     data=_typed(DataConfig, cfg.get("data"), "data"), train=train,
+                     sharding=_typed(ShardingConfig, cfg.get("sharding"), "sharding"), mesh=mesh)
+
+
 def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
     """A ConfigDict of ModelConfig fields -> ModelConfig; unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    fields = cd.to_dict()
-    unknown = sorted(set(fields) - known)
+    return _typed(ModelConfig, cd, "model")
+
+
+def section(obj, **overrides) -> ml_collections.ConfigDict:
+    """A dataclass's fields (with overrides) as a ConfigDict section; unknown overrides are an error."""
+    d = dataclasses.asdict(obj)
+    unknown = sorted(set(overrides) - set(d))
     if unknown:
-        raise ConfigError(f"unknown model config keys: {unknown}")
-    return ModelConfig(**fields)
+        raise ConfigError(f"unknown keys {unknown} for {type(obj).__name__}")
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def run_config(model: ModelConfig, *, distill=None, data=None, train=None, sharding=None, mesh=None):
+    """The ConfigDict skeleton every configs/*.py file starts from."""
+    c = ml_collections.ConfigDict()
+    c.model = section(model)
+    c.distill = section(DistillConfig(), **(distill or {}))
+    c.data = section(DataConfig(), **(data or {}))
+    c.train = section(TrainConfig(), **(train or {}))
+    c.sharding = section(ShardingConfig(), **(sharding or {}))
+    c.mesh = ml_collections.ConfigDict(mesh or {"data": -1, "fsdp": 1})
+    return c

@@ -26,6 +26,7 @@ from sprintjax.model_config import ModelConfig
 
 class DistillState(flax.struct.PyTreeNode):
     step: jax.Array  # applied G + D iterations
+    phase: jax.Array  # 0: the next iteration is a generator step, 1: a discriminator step
     student: Any  # {"net": SANA params with guidance embedder, "logvar": head}
     g_opt: Any
     heads: Any  # discriminator heads (trained)
@@ -57,7 +58,7 @@ def make_optimizer(cfg: DistillConfig, lr: float, warmup: int, params) -> optax.
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), core)
 
 
-def _apply_if_finite(tx, grads, opt_state, params):
+def apply_if_finite(tx, grads, opt_state, params):
     """One optimiser update, or (if the gradient norm is not finite) the inputs returned bit for bit."""
     gnorm = optax.global_norm(grads)
     ok = jnp.isfinite(gnorm)
@@ -84,7 +85,8 @@ class Distiller:
         heads, heads_state = ladd.init_heads(k_h, self.teacher.config, self.blocks, cfg.disc_kernel)
         g_tx, d_tx = self.optimizers(student, heads)
         return DistillState(
-            step=jnp.zeros([], jnp.int32), student=student, g_opt=g_tx.init(student), heads=heads,
+            step=jnp.zeros([], jnp.int32), phase=jnp.zeros([], jnp.int32), student=student,
+            g_opt=g_tx.init(student), heads=heads,
             heads_state=heads_state, d_opt=d_tx.init(heads),
             ema=jax.tree.map(jnp.array, student) if cfg.ema_decay else None,
             g_skipped=jnp.zeros([], jnp.int32), d_skipped=jnp.zeros([], jnp.int32),
@@ -154,13 +156,13 @@ class Distiller:
     def generator_step(self, state: DistillState, batch, rng):
         (_, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(state.student, state, batch, rng)
         g_tx, _ = self.optimizers(state.student, state.heads)
-        student, g_opt, ok, gnorm = _apply_if_finite(g_tx, grads, state.g_opt, state.student)
+        student, g_opt, ok, gnorm = apply_if_finite(g_tx, grads, state.g_opt, state.student)
         ema = state.ema
         if self.cfg.ema_decay:
             d = self.cfg.ema_decay
             ema = jax.tree.map(lambda e, p: jnp.where(ok, d * e + (1 - d) * p, e), state.ema, student)
         state = state.replace(student=student, g_opt=g_opt, ema=ema, step=state.step + ok,
-                              g_skipped=state.g_skipped + (1 - ok))
+                              phase=jnp.where(ok, 1, state.phase), g_skipped=state.g_skipped + (1 - ok))
         return state, dict(metrics, g_grad_norm=gnorm, g_skipped=state.g_skipped)
 
     # ------------------------------------------------------------ discriminator step
@@ -197,15 +199,41 @@ class Distiller:
 
         (loss, (d_real, d_fake, hs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.heads)
         _, d_tx = self.optimizers(state.student, state.heads)
-        new_heads, d_opt, ok, gnorm = _apply_if_finite(d_tx, grads, state.d_opt, state.heads)
+        new_heads, d_opt, ok, gnorm = apply_if_finite(d_tx, grads, state.d_opt, state.heads)
         hs = jax.tree.map(lambda n, o: jnp.where(ok, n, o), hs, state.heads_state)
         state = state.replace(heads=new_heads, d_opt=d_opt, heads_state=hs, step=state.step + ok,
-                              d_skipped=state.d_skipped + (1 - ok))
+                              phase=jnp.where(ok, 0, state.phase), d_skipped=state.d_skipped + (1 - ok))
         metrics = {"d_loss": loss, "d_real": jnp.mean(d_real), "d_fake": jnp.mean(d_fake),
                    "d_acc_real": jnp.mean(jnp.mean(d_real, axis=1) > 0),
                    "d_acc_fake": jnp.mean(jnp.mean(d_fake, axis=1) < 0),
                    "d_grad_norm": gnorm, "d_skipped": state.d_skipped}
         return state, metrics
+
+    # ------------------------------------------------------------ alternation
+    def train_step(self, state: DistillState, batch, rng):
+        """One iteration: the generator or the discriminator step, by `state.phase`, chosen on device.
+
+        The phase flips only when a step is applied: a skipped (non-finite) step is retried on the next
+        batch, as in the reference loop. Metrics of both kinds are returned (zeros for the other kind) with
+        `phase` naming the one that ran, so the host never has to synchronise to decide.
+        """
+        shapes = [jax.eval_shape(f, state, batch, rng)[1] for f in (self.generator_step, self.discriminator_step)]
+        keys = sorted(set(shapes[0]) | set(shapes[1]))
+
+        def run(step_fn):
+            def branch(s):
+                s, m = step_fn(s, batch, rng)
+                return s, {k: jnp.asarray(m.get(k, 0.0), jnp.float32) for k in keys}
+            return branch
+
+        phase = state.phase
+        state, metrics = jax.lax.cond(phase == 0, run(self.generator_step), run(self.discriminator_step), state)
+        return state, dict(metrics, phase=phase)
+
+    def metric_keys(self, phase: int, state, batch) -> set[str]:
+        """The metric names the given phase produces (for the host to drop the other phase's zeros)."""
+        fn = self.generator_step if phase == 0 else self.discriminator_step
+        return set(jax.eval_shape(fn, state, batch, jax.random.key(0))[1])
 
     # ------------------------------------------------------------ compiled steps
     @functools.cached_property

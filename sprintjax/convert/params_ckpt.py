@@ -49,13 +49,20 @@ def _leaves_by_path(tree) -> dict[str, tuple]:
     return {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in flat}
 
 
-def load_params(src: str | Path, cfg: ModelConfig | None = None) -> tuple[dict, ModelConfig]:
-    """Restores params (float32 numpy-backed jax arrays) and the config; strict about names and shapes."""
+def load_params(src: str | Path, cfg: ModelConfig | None = None, shardings=None,
+                check_finite: bool = True) -> tuple[dict, ModelConfig]:
+    """Restores params and the config; strict about names and shapes.
+
+    `shardings` (a pytree of shardings like the params) restores each leaf straight onto its devices, with
+    no full host copy (training on a mesh); `check_finite` scans every value (the CLI's default).
+    """
     src = Path(src).absolute()
     cfg = cfg or read_model_config(src)
     if not (src / PARAMS).is_dir():
         raise CheckpointError(f"{src} has no {PARAMS}/ folder")
     expected = SanaTransformer(cfg).param_shapes()
+    if shardings is not None:
+        expected = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), expected, shardings)
     ckpt = ocp.StandardCheckpointer()
     try:
         found = _leaves_by_path(ckpt.metadata(src / PARAMS).item_metadata.tree)
@@ -75,7 +82,7 @@ def load_params(src: str | Path, cfg: ModelConfig | None = None) -> tuple[dict, 
     finally:
         ckpt.close()
     bad = [k for k, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-           if not np.all(np.isfinite(np.asarray(leaf)))]
+           if check_finite and not np.all(np.isfinite(np.asarray(leaf)))]
     if bad:
         raise CheckpointError(f"{src}: non-finite values in {[jax.tree_util.keystr(k) for k in bad][:5]}")
     return params, cfg

@@ -1,0 +1,1 @@
+"""Training data: ArrayRecord datasets described by a TFDS builder, read through grain."""

@@ -1,0 +1,92 @@
+"""Observability for training: clu writers (TensorBoard), `metrics.jsonl`, progress, NaN watch, sample grids.
+
+Step metrics stay on device in a buffer and are fetched once per log interval (one transfer, no per-step
+sync). Every buffered step becomes a line of WORKDIR/metrics.jsonl; interval means go to TensorBoard.
+Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sprintjax.errors import SprintjaxError
+
+log = logging.getLogger("sprintjax")
+
+
+class NonFiniteLoss(SprintjaxError):
+    """Too many consecutive non-finite losses: the run stops (after saving) instead of burning compute."""
+
+
+class MetricsLog:
+    def __init__(self, workdir: Path, loss_keys: dict[int, str], phase_keys: dict[int, set[str]] | None,
+                 max_nonfinite: int, num_steps: int, log_every: int):
+        from clu import metric_writers, periodic_actions
+
+        self.main = jax.process_index() == 0
+        self.writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), just_logging=not self.main,
+                                                           asynchronous=False)
+        self.progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=self.writer,
+                                                        every_steps=log_every)
+        self.jsonl = workdir / "metrics.jsonl"
+        self.loss_keys, self.phase_keys = loss_keys, phase_keys
+        self.max_nonfinite, self.nonfinite_run = max_nonfinite, 0
+        self.buffer: list[tuple[int, dict]] = []
+        self.num_steps, self.last = num_steps, None  # (step, time) of the previous flush, for steps/s and ETA
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.buffer.append((step, metrics))
+        self.progress(step)
+
+    def flush(self) -> None:
+        """Fetches the buffered metrics in one transfer, writes them, and watches for non-finite losses."""
+        if not self.buffer:
+            return
+        steps, host = zip(*jax.device_get(self.buffer), strict=True)
+        self.buffer = []
+        rows = []
+        for step, m in zip(steps, host, strict=True):
+            phase = int(m.get("phase", 0))
+            keep = self.phase_keys[phase] | {"phase"} if self.phase_keys else set(m)
+            row = {k: float(v) for k, v in m.items() if k in keep}
+            rows.append({"step": int(step), **row})
+            loss = row.get(self.loss_keys[phase], 0.0)
+            if math.isfinite(loss):
+                self.nonfinite_run = 0
+            else:
+                self.nonfinite_run += 1
+                log.warning("non-finite %s at step %d (%d in a row)", self.loss_keys[phase], step, self.nonfinite_run)
+        if self.main:
+            with open(self.jsonl, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+            means = {k: float(np.mean([r[k] for r in rows if k in r])) for k in {k for r in rows for k in r}
+                     if k not in ("step", "phase")}
+            self.writer.write_scalars(rows[-1]["step"], means)
+            last_step, now = rows[-1]["step"], time.monotonic()
+            speed = ""
+            if self.last and last_step > self.last[0]:
+                rate = (last_step - self.last[0]) / (now - self.last[1])
+                speed = f" [{rate:.2f} steps/s, ETA {(self.num_steps - last_step) / rate:.0f} s]"
+            self.last = (last_step, now)
+            log.info("step %d/%d%s %s", last_step, self.num_steps, speed,
+                     " ".join(f"{k}={v:.4g}" for k, v in sorted(means.items())))
+        if self.nonfinite_run >= self.max_nonfinite:
+            raise NonFiniteLoss(f"{self.nonfinite_run} consecutive non-finite losses (last at step {steps[-1]}); "
+                                "stopping. The last checkpoint before them is kept.")
+
+    def images(self, step: int, name: str, rgb: np.ndarray) -> None:
+        if self.main:
+            self.writer.write_images(step, {name: rgb})
+
+    def close(self):
+        self.flush()
+        self.writer.flush()
+        self.writer.close()

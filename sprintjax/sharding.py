@@ -1,0 +1,86 @@
+"""Device mesh and shardings, declared by the config.
+
+The mesh has named axes (e.g. data, fsdp, tensor; one size may be -1 to take the remaining devices). Batches
+shard their leading axis over every data-parallel axis (data and fsdp). Parameters, optimiser states and
+discriminator heads follow rules: an ordered list of (regex over the leaf path, kind) where kind is
+`fsdp` (the largest dimension divisible by the fsdp axis, never the stacked layer axis, on the fsdp axis) or
+`replicate`. Leaves smaller than `min_fsdp_size` elements stay replicated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sprintjax.errors import ConfigError
+
+BATCH_AXES = ("data", "fsdp")
+KINDS = ("fsdp", "replicate")
+
+
+def mesh_shape(axes: dict[str, int], n_devices: int) -> dict[str, int]:
+    """Resolves one -1 axis; the product must equal the device count (a clear error otherwise)."""
+    axes = dict(axes)
+    free = [k for k, v in axes.items() if v == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh: at most one axis may be -1, got {axes}")
+    fixed = math.prod(v for v in axes.values() if v != -1)
+    if free:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh {axes} does not fit {n_devices} devices ({n_devices} % {fixed} != 0)")
+        axes[free[0]] = n_devices // fixed
+    if math.prod(axes.values()) != n_devices:
+        raise ConfigError(f"mesh {axes} has {math.prod(axes.values())} devices but {n_devices} are available")
+    return axes
+
+
+def make_mesh(axes: dict[str, int], devices=None) -> Mesh:
+    """A Mesh (Auto axes) over `devices` (default: all), ordered by process so each host's rows are contiguous."""
+    devices = list(jax.devices() if devices is None else devices)
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    shape = mesh_shape(axes, len(devices))
+    return Mesh(np.array(devices).reshape(tuple(shape.values())), tuple(shape))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _fsdp_spec(shape, fsdp: int, stacked: bool) -> PartitionSpec:
+    dims = [i for i in range(1 if stacked else 0, len(shape)) if shape[i] % fsdp == 0]
+    if not dims:
+        return PartitionSpec()
+    best = max(dims, key=lambda i: shape[i])
+    return PartitionSpec(*[("fsdp" if i == best else None) for i in range(len(shape))])
+
+
+def tree_shardings(tree, mesh: Mesh, rules, min_fsdp_size: int = 1 << 14):
+    """NamedShardings for every leaf of an (abstract) pytree, by the first matching rule."""
+    compiled = [(re.compile(rx), kind) for rx, kind in rules]
+    for _, kind in rules:
+        if kind not in KINDS:
+            raise ConfigError(f"sharding rule kind must be one of {KINDS}, got {kind!r}")
+    fsdp = mesh.shape.get("fsdp", 1)
+
+    def spec(path, leaf):
+        name = _path_str(path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        kind = next((k for rx, k in compiled if rx.fullmatch(name)), "replicate")
+        if kind == "replicate" or fsdp == 1 or np.prod(shape, dtype=np.int64) < min_fsdp_size:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, _fsdp_spec(shape, fsdp, "transformer_blocks" in name))
+
+    return jax.tree_util.tree_map_with_path(spec, tree)

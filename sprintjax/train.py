@@ -1,0 +1,221 @@
+"""`sprintjax train --config ... --workdir ...`: one trainer for both stages (distillation and teacher
+adaptation), sectioned like big_vision's train.py. The same code runs on one CPU, on fake CPU devices, on
+several processes (`jax.distributed`) and on a pod; rerunning the command on the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sprintjax import trigflow
+from sprintjax.checkpoints import Checkpoints
+from sprintjax.configlib import RunConfig, resolve
+from sprintjax.convert.params_ckpt import load_params
+from sprintjax.data import pipeline
+from sprintjax.distill import Distiller
+from sprintjax.errors import CheckpointError, ConfigError
+from sprintjax.fileio import atomic_write_bytes
+from sprintjax.flow import TeacherTrainer, adapt_params
+from sprintjax.model import SanaTransformer
+from sprintjax.observe import MetricsLog
+from sprintjax.sharding import batch_sharding, data_parallel_size, make_mesh, tree_shardings
+
+log = logging.getLogger("sprintjax")
+
+
+def _data_dir(rc: RunConfig, workdir: Path) -> Path:
+    """The records to train on; a smoke config writes its synthetic dataset into the workdir once."""
+    from jax.experimental import multihost_utils
+
+    if rc.data.dir:
+        return Path(rc.data.dir)
+    if not rc.data.synthetic:
+        raise ConfigError("data.dir is empty and data.synthetic is 0: there is nothing to train on")
+    target = workdir / "data"
+    if jax.process_index() == 0 and not list(target.glob("*/*/dataset_info.json")):
+        m = rc.model
+        shapes = {"latents": (m.in_channels, m.sample_size, m.sample_size), "caption": (8, m.caption_channels),
+                  "caption_mask": (8,)}
+        make = functools.partial(pipeline.synthetic_examples, rc.data.synthetic, shapes, rc.train.seed)
+        null_mask = np.zeros(8, np.int32)
+        null_mask[0] = 1
+        pipeline.write_records(target, {rc.data.split: make}, shapes, np.zeros(shapes["caption"]), null_mask)
+    multihost_utils.sync_global_devices("sprintjax data ready")
+    return target
+
+
+def _teacher_params(rc: RunConfig, mesh, key):
+    """The frozen teacher (distillation) or the model to adapt (teacher stage), placed by its shardings."""
+    model = SanaTransformer(rc.model)
+    shardings = tree_shardings(model.param_shapes(), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
+    if not rc.train.teacher_checkpoint:
+        return jax.jit(model.init, out_shardings=shardings)(key), shardings
+    from sprintjax.convert.params_ckpt import read_model_config
+
+    src_cfg = read_model_config(rc.train.teacher_checkpoint).replace(dtype=rc.model.dtype, remat=rc.model.remat)
+    if src_cfg == rc.model:
+        return load_params(rc.train.teacher_checkpoint, src_cfg, shardings, check_finite=False)[0], shardings
+    if rc.train.stage != "teacher":
+        raise CheckpointError(f"teacher checkpoint {rc.train.teacher_checkpoint} has a different architecture "
+                              f"than config.model:\n{src_cfg}\nvs\n{rc.model}")
+    src, _ = load_params(rc.train.teacher_checkpoint, src_cfg, check_finite=False)  # e.g. without QK-norm
+    return jax.jit(lambda p, k: adapt_params(p, model, k), out_shardings=shardings)(src, key), shardings
+
+
+def _sampler(rc: RunConfig, runner, captions, masks):
+    """A jitted function state -> latents [N, C, H, W] from fixed captions and noise (for sample grids)."""
+    m = rc.model
+    noise = jax.random.normal(jax.random.key(rc.train.seed + 7), (2, len(captions), m.in_channels, m.sample_size,
+                                                                   m.sample_size))
+    if rc.train.stage == "distill":
+        from sprintjax.scm import student_fn
+
+        def run(state):
+            w = jnp.full((len(captions),), rc.distill.cfg_scales[len(rc.distill.cfg_scales) // 2])
+            F = student_fn(runner.student, state.student, captions, masks, w)
+            return trigflow.sample(lambda x, t: F(x, t)[0], noise[:1], trigflow.schedule(1), rc.distill.sigma_d)
+    else:
+        def run(state):
+            v = lambda x, t: runner.model.apply(state.params, x, t, captions, masks)  # noqa: E731
+            return trigflow.euler_flow(v, noise[0], 20)
+    return jax.jit(run)
+
+
+def train(config, workdir: str | Path) -> str:
+    """Runs (or resumes) a training job; returns "done" or "preempted"."""
+    # ------------------------------------------------------------------ 1. config, mesh, workdir
+    rc = resolve(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(rc.mesh)
+    gb, dp = rc.data.global_batch, data_parallel_size(mesh)
+    if gb % dp:
+        raise ConfigError(f"global batch {gb} does not divide over the {dp} data-parallel devices of mesh "
+                          f"{dict(mesh.shape)}")
+    if gb % jax.process_count():
+        raise ConfigError(f"global batch {gb} does not divide over {jax.process_count()} processes")
+    if jax.process_index() == 0:
+        atomic_write_bytes(workdir / "config.json", config.to_json(indent=2, sort_keys=True).encode())
+    log.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    # ------------------------------------------------------------------ 2. data
+    data_dir = _data_dir(rc, workdir)
+    null_caption, _ = pipeline.load_null_caption(data_dir)
+    data_it = pipeline.train_iterator(data_dir, rc.data.split, gb, rc.train.seed, jax.process_index(),
+                                      jax.process_count(), rc.data.worker_count, rc.data.prefetch)
+
+    # ------------------------------------------------------------------ 3. models, optimisers, sharded state
+    key = jax.random.key(rc.train.seed)
+    teacher_params, teacher_sh = _teacher_params(rc, mesh, jax.random.fold_in(key, 1))
+    if rc.train.stage == "distill":
+        runner = Distiller(rc.model, rc.distill)
+        init, step_fn = runner.init, runner.train_step
+    else:
+        runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps)
+        init, step_fn = (lambda tp, null, _: runner.init(tp, null)), runner.step
+    abstract = jax.eval_shape(init, teacher_params, null_caption, jax.random.fold_in(key, 2))
+    state_sh = tree_shardings(abstract, mesh, rc.sharding.rules, rc.sharding.min_fsdp_size)
+    if rc.train.stage == "distill":
+        state_sh = state_sh.replace(teacher=teacher_sh)
+    state = jax.jit(init, out_shardings=state_sh)(teacher_params, null_caption, jax.random.fold_in(key, 2))
+    del teacher_params
+
+    # ------------------------------------------------------------------ 4. checkpoints: resume if any
+    ckpts = Checkpoints(workdir / "checkpoints", rc.train.keep, rc.train.keep_every)
+    start = 0
+    restored = ckpts.restore_latest(state, data_it)
+    if restored:
+        start, trained, meta = restored
+        state = trained.replace(**{k: getattr(state, k) for k in ("teacher", "null_caption") if hasattr(state, k)})
+        start = int(meta["iteration"])
+        log.info("resumed from the checkpoint at iteration %d", start)
+        _truncate_metrics(workdir / "metrics.jsonl", start)
+    elif jax.process_index() == 0:
+        from clu import parameter_overview
+
+        params = state.student if rc.train.stage == "distill" else state.params
+        parameter_overview.log_parameter_overview(params, msg="trained parameters")
+
+    # ------------------------------------------------------------------ 5. the compiled step
+    rep = NamedSharding(mesh, PartitionSpec())
+    batch_sh = batch_sharding(mesh)
+    base = jax.random.key_data(key)
+    step = jax.jit(lambda s, b, i: step_fn(s, b, jax.random.fold_in(jax.random.wrap_key_data(base), i)),
+                   in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+    to_global = lambda local: jax.tree.map(  # noqa: E731
+        lambda a: jax.make_array_from_process_local_data(batch_sh, a, (gb,) + a.shape[1:]), local)
+
+    # ------------------------------------------------------------------ 6. the loop and its periodic actions
+    peek = to_global(next(pipeline.train_iterator(data_dir, rc.data.split, gb, rc.train.seed, jax.process_index(),
+                                                  jax.process_count())))
+    if rc.train.stage == "distill":
+        phase_keys = {p: runner.metric_keys(p, abstract, peek) for p in (0, 1)}
+        loss_keys = {0: "g_loss", 1: "d_loss"}
+    else:
+        phase_keys, loss_keys = None, {0: "flow_loss"}
+    metrics = MetricsLog(workdir, loss_keys, phase_keys, rc.train.max_nonfinite, rc.train.num_steps,
+                         rc.train.log_every)
+    sampler = None
+    if rc.train.sample_every:
+        source = pipeline.open_split(data_dir, rc.data.split)
+        examples = [source[i] for i in range(rc.train.num_samples)]
+        sampler = _sampler(rc, runner, jnp.asarray(np.stack([e["caption"] for e in examples]), jnp.float32),
+                           jnp.asarray(np.stack([e["caption_mask"] for e in examples]), jnp.float32))
+    preempted = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    status = "done"
+    try:
+        for it in range(start, rc.train.num_steps):
+            state, m = step(state, to_global(next(data_it)), np.int32(it))
+            done = it + 1
+            metrics.add(done, m)
+            if rc.train.profile_at == done:
+                jax.profiler.start_trace(str(workdir / "profile"))
+            if rc.train.profile_at >= 0 and done == rc.train.profile_at + rc.train.profile_steps:
+                jax.profiler.stop_trace()
+            if done % rc.train.log_every == 0 or done == rc.train.num_steps:
+                metrics.flush()
+            if sampler and done % rc.train.sample_every == 0:
+                _write_samples(workdir, done, np.asarray(jax.device_get(sampler(state))), metrics)
+            meta = {"iteration": done, "seed": rc.train.seed}
+            if preempted or ckpts.reached_preemption(done):
+                ckpts.save(done, state, data_it, meta, force=True)
+                status = "preempted"
+                log.warning("preemption signal: saved the checkpoint at iteration %d, exiting", done)
+                break
+            if done % rc.train.ckpt_every == 0 or done == rc.train.num_steps:
+                ckpts.save(done, state, data_it, meta)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ckpts.wait()
+        ckpts.close()
+        metrics.close()
+    return status
+
+
+def _write_samples(workdir: Path, step: int, latents: np.ndarray, metrics: MetricsLog) -> None:
+    from sprintjax.images import latents_to_rgb, save_grid
+
+    if jax.process_index() != 0:
+        return
+    save_grid([latents], workdir / "samples" / f"step_{step:07d}.png")
+    lo, hi = np.percentile(latents[:, :3], [1, 99])
+    metrics.images(step, "samples", latents_to_rgb(latents, lo, hi))
+    (workdir / "samples" / "latest.json").write_text(json.dumps({"step": step}))
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop metric lines past the checkpoint (their steps are about to be recomputed)."""
+    if jax.process_index() != 0 or not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
