@@ -1,0 +1,164 @@
+"""The trainer end to end, as users run it: one CPU, 8 fake devices, 2 processes over loopback, kill -9 and
+resume, preemption, a different mesh on resume, and bad input. Each run is a real `sprintjax train`."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPRINTJAX = str(Path(sys.executable).parent / "sprintjax")
+STEPS = 16
+# A low learning rate keeps the GAN dynamics from amplifying float32 rounding between device layouts.
+COMMON = [f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=4", "--config.train.log_every=4",
+          "--config.distill.lr_g=1e-5", "--config.distill.lr_d=1e-5"]
+
+
+def run(workdir, *extra, config="configs/tiny.py", devices=1, check=True, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [SPRINTJAX, "train", "--config", config, "--workdir", str(workdir), *COMMON, *extra]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close(a, b, rtol=1e-4, steps=None):
+    a, b = a[:steps], b[:steps]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert abs(x[k] - y[k]) <= rtol * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
+
+
+def final_state(workdir):
+    import orbax.checkpoint as ocp
+
+    ckpt = ocp.StandardCheckpointer()
+    tree = ckpt.restore(Path(workdir).absolute() / "checkpoints" / str(STEPS) / "state")
+    ckpt.close()
+    return tree
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run on one device: the baseline every other run is compared with."""
+    wd = tmp_path_factory.mktemp("ref") / "run"
+    out = run(wd)
+    return wd, out
+
+
+def test_reference_run_writes_everything_a_user_expects(reference):
+    wd, out = reference
+    rows = metrics(wd)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["phase"] for r in rows] == [0, 1] * (STEPS // 2)  # G and D alternate
+    assert all(np.isfinite(v) for r in rows for v in r.values())
+    assert {"g_loss", "scm_loss", "adv_loss", "tangent_norm_raw", "g_grad_norm"} <= rows[0].keys()
+    assert {"d_loss", "d_acc_real", "d_acc_fake"} <= rows[1].keys()
+    assert json.loads((wd / "config.json").read_text())["model"]["num_layers"] == 3
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [8, 12, 16]  # keep the last 3
+    assert "steps/s, ETA" in out.stderr and "training done" in out.stdout
+
+
+def test_eight_fake_devices_fsdp_and_two_processes_match_one_device(reference, tmp_path):
+    ref = metrics(reference[0])
+    run(tmp_path / "fsdp", config="configs/tiny.py:fsdp", devices=8)  # mesh data 4 x fsdp 2
+    assert_close(metrics(tmp_path / "fsdp"), ref)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "launch/local.py", "--num-processes", "2", "--", "train", "--config", "configs/tiny.py",
+           "--workdir", str(tmp_path / "two"), *COMMON]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert_close(metrics(tmp_path / "two"), ref)
+
+
+def test_kill_and_resume_is_bitwise_identical(reference, tmp_path):
+    wd = tmp_path / "killed"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [SPRINTJAX, "train", "--config", "configs/tiny.py", "--workdir", str(wd), *COMMON]
+    kill_after = random.Random().choice([4, 8])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (wd / "checkpoints" / str(kill_after) / "sprintjax_checksums.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run(wd)  # the same command again: resumes from the latest complete checkpoint
+    assert metrics(wd) == metrics(reference[0])  # bitwise: every logged float
+    a, b = final_state(wd), final_state(reference[0])
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.array_equal(x, y)
+
+
+def test_preemption_signal_saves_and_exits_then_resumes(tmp_path):
+    wd = tmp_path / "preempt"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [SPRINTJAX, "train", "--config", "configs/tiny.py", "--workdir", str(wd), *COMMON,
+           "--config.train.num_steps=100000", "--config.train.ckpt_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (wd / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "training preempted" in out and "preemption signal" in err
+    saved = [int(p.name) for p in (wd / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0] >= 4
+    out = run(wd, f"--config.train.num_steps={saved[0] + 2}")
+    assert f"resumed from the checkpoint at iteration {saved[0]}" in out.stderr
+
+
+def test_resume_on_a_different_mesh(reference, tmp_path):
+    wd = tmp_path / "remesh"
+    shutil.copytree(reference[0], wd)
+    out = run(wd, f"--config.train.num_steps={STEPS + 2}", config="configs/tiny.py:fsdp", devices=4)
+    assert f"resumed from the checkpoint at iteration {STEPS}" in out.stderr
+    assert [r["step"] for r in metrics(wd)] == list(range(1, STEPS + 3))
+
+
+def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(reference, tmp_path):
+    wd = tmp_path / "corrupt"
+    shutil.copytree(reference[0], wd)
+    victim = sorted((wd / "checkpoints" / str(STEPS) / "state").rglob("d/*"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(data)
+    out = run(wd, f"--config.train.num_steps={STEPS}")
+    assert f"checkpoint at step {STEPS} is corrupt" in out.stderr and "does not match its checksum" in out.stderr
+    assert f"resumed from the checkpoint at iteration {STEPS - 4}" in out.stderr
+    assert (wd / "checkpoints_corrupt" / str(STEPS)).is_dir()  # kept aside, nothing deleted
+    assert metrics(wd) == metrics(reference[0])  # recomputed the same steps exactly
+
+
+@pytest.mark.parametrize("args,devices,message", [
+    (["--config.train.bogus=1"], 1, "unknown config key: train.bogus"),
+    (["--config.mesh.data=3"], 1, "has 3 devices but 1 are available"),
+    (["--config.data.global_batch=3"], 2, "global batch 3 does not divide over the 2 data-parallel devices"),
+    (["--config.data.dir=/nonexistent/records", "--config.data.synthetic=0"], 1, "no training records under"),
+    (["--config.train.teacher_checkpoint=/nonexistent/ckpt"], 1, "is not a sprintjax params checkpoint"),
+])
+def test_bad_input_is_one_clear_error_before_training(tmp_path, args, devices, message):
+    out = run(tmp_path / "bad", *args, devices=devices, check=False, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message in out.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists() or not list((tmp_path / "bad" / "checkpoints").iterdir())
