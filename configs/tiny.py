@@ -17,7 +17,7 @@ def get_config(arg=None):
         TINY,
         distill=dict(disc_layers=(0, 2), lr_g=1e-4, lr_d=1e-4, warmup_steps_g=20, tangent_warmup_steps=100,
                      disc_virtual_batch=4),
-        data=dict(synthetic=256, global_batch=8),
+        data=dict(synthetic=256, caption_len=8, global_batch=8),
         train=dict(num_steps=300, log_every=10, ckpt_every=50, keep=3, sample_every=100, num_samples=4),
         sharding=dict(min_fsdp_size=256),
     )

@@ -125,6 +125,37 @@ def cmd_train(a, overrides):
     print(f"training {status}: {a.workdir}")
 
 
+def cmd_compile(a, overrides):
+    import json
+
+    if a.topology.startswith("cpu:"):  # fake CPU devices must be requested before JAX starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={a.topology.split(':')[1]}")
+    from sprintjax.aot import compile_steps, format_report
+
+    cfg = _run_config(a, overrides)
+    print(f"compiling the training steps of {a.config} for {a.topology} ...", flush=True)
+    report = compile_steps(cfg, a.topology)
+    print(format_report(report, a.topology))
+    if a.json:
+        from sprintjax.fileio import atomic_write_bytes
+
+        atomic_write_bytes(a.json, json.dumps(report, indent=2).encode())
+
+
+def cmd_prepare_data(a):
+    from pathlib import Path
+
+    from sprintjax.data.prepare import find_pairs, prepare
+
+    pairs = find_pairs(a.images, a.captions_jsonl)
+    instruction = Path(a.instruction_file).read_text() if a.instruction_file else ""
+    print(f"{len(pairs)} image/caption pairs -> {a.out}", flush=True)
+    folder = prepare(pairs, a.out, a.vae, a.text_encoder, a.resolution, a.max_length, a.batch_size, instruction,
+                     a.split)
+    print(f"wrote training records {folder} (with null_caption.safetensors)")
+
+
 def cmd_demo(a):
     from sprintjax.demo import run_demo
 
@@ -174,6 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--process-id", type=int, default=0)
     s.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
     s.set_defaults(fn=cmd_train, takes_overrides=True)
+
+    s = sub.add_parser("prepare-data", help="image/caption pairs -> ArrayRecord training records (resumable)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images, each with a same-named .txt caption")
+    src.add_argument("--captions-jsonl", help='JSONL of {"image": path relative to the file, "caption": text}')
+    s.add_argument("--vae", required=True, help="local diffusers AutoencoderDC folder")
+    s.add_argument("--text-encoder", required=True, help="local transformers model + tokenizer folder")
+    s.add_argument("--out", required=True, help="output data folder (TFDS/ArrayRecord)")
+    s.add_argument("--resolution", type=int, default=1024)
+    s.add_argument("--max-length", type=int, default=300, help="caption tokens kept (SANA: 300)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--instruction-file", help="text prepended to every caption (SANA's complex human instruction)")
+    s.add_argument("--split", default="train")
+    s.set_defaults(fn=cmd_prepare_data)
+
+    s = sub.add_parser("compile", help="AOT-compile the training steps for a TPU topology or cpu:N; print memory",
+                       epilog="Override any config field with --config.section.key=value.")
+    s.add_argument("--config", required=True, help="config file and variant")
+    s.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v6e:8x8, or cpu:8")
+    s.add_argument("--json", help="also write the figures as JSON here")
+    s.set_defaults(fn=cmd_compile, takes_overrides=True)
 
     s = sub.add_parser("demo", help="end to end on a random diffusers model: import, sample 1/2/4 steps, PNG")
     s.add_argument("--workdir", default="runs/demo")

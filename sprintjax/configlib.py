@@ -23,6 +23,7 @@ class DataConfig:
     dir: str = ""  # TFDS/ArrayRecord dataset folder; "" with synthetic > 0: written into WORKDIR/data
     split: str = "train"
     synthetic: int = 0  # number of synthetic examples to write (smoke configs), 0 for real data
+    caption_len: int = 300  # caption tokens (SANA: 300); sets the synthetic data and the AOT compile shapes
     global_batch: int = 8
     worker_count: int = 0  # grain multiprocessing workers per process
     prefetch: int = 2

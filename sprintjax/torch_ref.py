@@ -74,3 +74,37 @@ def diffusers_sample(model, caption, caption_mask, noise, steps: int, guidance_s
             z = noise[k + 1] if k + 1 < steps else torch.zeros_like(x)
             x = torch.cos(t) * x0 + torch.sin(t) * z * sigma_d
     return (x0 / sigma_d).numpy()
+
+
+def tiny_encoders(folder, latent_channels: int = 4, hidden: int = 16, seed: int = 0):
+    """Random-weight stand-ins for SANA's encoders, saved to local folders (for tests and examples):
+    a 2-block AutoencoderDC (2x downsampling) and a 1-layer Gemma-2 with a word-level tokenizer."""
+    from pathlib import Path
+
+    import torch
+    from diffusers import AutoencoderDC
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(in_channels=3, latent_channels=latent_channels, attention_head_dim=4,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16),
+                        decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), upsample_block_type="interpolate",
+                        downsample_block_type="Conv", scaling_factor=0.41407)
+    vae.save_pretrained(folder / "vae")
+    words = "a an the red green blue circle square triangle left right of to above below one two small big".split()
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(folder / "text_encoder")
+    cfg = Gemma2Config(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, pad_token_id=0)
+    Gemma2Model(cfg).save_pretrained(folder / "text_encoder")
+    return folder / "vae", folder / "text_encoder"

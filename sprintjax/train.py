@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +44,11 @@ def _data_dir(rc: RunConfig, workdir: Path) -> Path:
     target = workdir / "data"
     if jax.process_index() == 0 and not list(target.glob("*/*/dataset_info.json")):
         m = rc.model
-        shapes = {"latents": (m.in_channels, m.sample_size, m.sample_size), "caption": (8, m.caption_channels),
-                  "caption_mask": (8,)}
+        length = rc.data.caption_len
+        shapes = {"latents": (m.in_channels, m.sample_size, m.sample_size), "caption": (length, m.caption_channels),
+                  "caption_mask": (length,)}
         make = functools.partial(pipeline.synthetic_examples, rc.data.synthetic, shapes, rc.train.seed)
-        null_mask = np.zeros(8, np.int32)
+        null_mask = np.zeros(length, np.int32)
         null_mask[0] = 1
         pipeline.write_records(target, {rc.data.split: make}, shapes, np.zeros(shapes["caption"]), null_mask)
     multihost_utils.sync_global_devices("sprintjax data ready")
@@ -90,6 +92,38 @@ def _sampler(rc: RunConfig, runner, captions, masks):
     return jax.jit(run)
 
 
+def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> SimpleNamespace:
+    """What a stage trains and how it is laid out: runner, init, pure steps, abstract state, state shardings.
+
+    Works on concrete or abstract (ShapeDtypeStruct) teacher params, so `sprintjax compile` shares it.
+    """
+    if rc.train.stage == "distill":
+        runner = Distiller(rc.model, rc.distill)
+        init = runner.init
+        steps = {"train": runner.train_step, "generator": runner.generator_step,
+                 "discriminator": runner.discriminator_step}
+    else:
+        runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps)
+        init = lambda tp, null, _: runner.init(tp, null)  # noqa: E731
+        steps = {"train": runner.step}
+    abstract = jax.eval_shape(init, teacher_params, null_caption, jax.random.key(0))
+    state_sh = tree_shardings(abstract, mesh, rc.sharding.rules, rc.sharding.min_fsdp_size)
+    if rc.train.stage == "distill":
+        state_sh = state_sh.replace(teacher=teacher_sh)
+    return SimpleNamespace(runner=runner, init=init, steps=steps, abstract=abstract, state_sh=state_sh)
+
+
+def compiled_step(step_fn, seed: int, state_sh, batch_sh, rep):
+    """jit of step(state, batch, iteration) with explicit shardings and the state donated; the RNG of an
+    iteration is fold_in(key(seed), iteration), so a resumed run draws exactly the same numbers."""
+    base = jax.random.key_data(jax.random.key(seed))
+
+    def run(state, batch, iteration):
+        return step_fn(state, batch, jax.random.fold_in(jax.random.wrap_key_data(base), iteration))
+
+    return jax.jit(run, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+
+
 def train(config, workdir: str | Path) -> str:
     """Runs (or resumes) a training job; returns "done" or "preempted"."""
     # ------------------------------------------------------------------ 1. config, mesh, workdir
@@ -116,17 +150,9 @@ def train(config, workdir: str | Path) -> str:
     # ------------------------------------------------------------------ 3. models, optimisers, sharded state
     key = jax.random.key(rc.train.seed)
     teacher_params, teacher_sh = _teacher_params(rc, mesh, jax.random.fold_in(key, 1))
-    if rc.train.stage == "distill":
-        runner = Distiller(rc.model, rc.distill)
-        init, step_fn = runner.init, runner.train_step
-    else:
-        runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps)
-        init, step_fn = (lambda tp, null, _: runner.init(tp, null)), runner.step
-    abstract = jax.eval_shape(init, teacher_params, null_caption, jax.random.fold_in(key, 2))
-    state_sh = tree_shardings(abstract, mesh, rc.sharding.rules, rc.sharding.min_fsdp_size)
-    if rc.train.stage == "distill":
-        state_sh = state_sh.replace(teacher=teacher_sh)
-    state = jax.jit(init, out_shardings=state_sh)(teacher_params, null_caption, jax.random.fold_in(key, 2))
+    p = plan(rc, mesh, teacher_params, null_caption, teacher_sh)
+    runner, abstract, state_sh = p.runner, p.abstract, p.state_sh
+    state = jax.jit(p.init, out_shardings=state_sh)(teacher_params, null_caption, jax.random.fold_in(key, 2))
     del teacher_params
 
     # ------------------------------------------------------------------ 4. checkpoints: resume if any
@@ -148,9 +174,7 @@ def train(config, workdir: str | Path) -> str:
     # ------------------------------------------------------------------ 5. the compiled step
     rep = NamedSharding(mesh, PartitionSpec())
     batch_sh = batch_sharding(mesh)
-    base = jax.random.key_data(key)
-    step = jax.jit(lambda s, b, i: step_fn(s, b, jax.random.fold_in(jax.random.wrap_key_data(base), i)),
-                   in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+    step = compiled_step(p.steps["train"], rc.train.seed, state_sh, batch_sh, rep)
     to_global = lambda local: jax.tree.map(  # noqa: E731
         lambda a: jax.make_array_from_process_local_data(batch_sh, a, (gb,) + a.shape[1:]), local)
 

@@ -30,6 +30,7 @@ class LatentTextRecords(tfds.core.GeneratorBasedBuilder):
         s = self._shapes
         return self.dataset_info_from_configs(
             description="SANA-Sprint training records: VAE latents and text-encoder caption embeddings.",
+            disable_shuffling=True,  # records keep the source order; grain shuffles at read time
             features=tfds.features.FeaturesDict({
                 "latents": tfds.features.Tensor(shape=s["latents"], dtype=np.float32),
                 "caption": tfds.features.Tensor(shape=s["caption"], dtype=np.float32),

@@ -32,8 +32,8 @@ def write_records(data_dir: str | Path, splits: dict[str, Callable[[], Iterable[
     builder = LatentTextRecords(shapes=shapes, splits=splits, data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare()
     out = Path(builder.data_dir)
-    safetensors.numpy.save_file({"caption": np.asarray(null_caption, np.float32),
-                                 "mask": np.asarray(null_mask, np.int32)}, str(out / NULL_CAPTION))
+    safetensors.numpy.save_file({"caption": np.ascontiguousarray(null_caption, np.float32),
+                                 "mask": np.ascontiguousarray(null_mask, np.int32)}, str(out / NULL_CAPTION))
     return out
 
 

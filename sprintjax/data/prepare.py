@@ -1,0 +1,149 @@
+"""`sprintjax prepare-data`: image/caption pairs -> training records (latents + caption embeddings).
+
+The VAE (diffusers `AutoencoderDC` for SANA) and the text encoder (a transformers model, Gemma-2 for SANA)
+load from local folders; nothing downloads. Work is done in batches staged as safetensors files under
+OUT/.staging, so an interrupted run resumes where it stopped; the records are written once every batch exists.
+
+SANA's prompt handling: an optional instruction text (`--instruction-file`, SANA's "complex human
+instruction") is prepended to every caption; the tokens are padded to max_length (+ the instruction's
+length - 2), and the encoder output keeps the first token and the last max_length - 1 tokens. The null
+caption (the empty prompt, encoded the same way) is stored with the records for the teacher's CFG.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from sprintjax.data import pipeline
+from sprintjax.data.pipeline import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def find_pairs(images: str | None = None, captions_jsonl: str | None = None) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs from a folder (image + same-named .txt) or a JSONL of {image, caption}."""
+    pairs = []
+    if captions_jsonl:
+        root = Path(captions_jsonl).parent
+        for n, line in enumerate(Path(captions_jsonl).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    pairs.append((root / rec["image"], str(rec["caption"])))
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise DataError(f"{captions_jsonl}:{n}: expected image and caption fields ({e})") from None
+    elif images:
+        for img in sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            txt = img.with_suffix(".txt")
+            if not txt.is_file():
+                raise DataError(f"{img} has no caption file {txt.name}")
+            pairs.append((img, txt.read_text().strip()))
+    missing = [str(p) for p, _ in pairs if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) not found, e.g. {missing[:3]}")
+    if not pairs:
+        raise DataError("no image/caption pairs found")
+    return pairs
+
+
+class TextEncoder:
+    """A transformers encoder from a local folder, with SANA's instruction prefix and token selection."""
+
+    def __init__(self, folder: str, max_length: int, instruction: str = ""):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        self.max_length, self.instruction = max_length, instruction
+        extra = len(self.tokenizer.encode(instruction)) - 2 if instruction else 0
+        self.total = max_length + max(extra, 0)
+
+    def __call__(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        texts = [self.instruction + c for c in captions] if self.instruction else captions
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.total, truncation=True, return_tensors="pt")
+        with self.torch.no_grad():
+            hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask)[0]
+        keep = [0] + list(range(self.total - self.max_length + 1, self.total))  # first token + last N-1
+        return (np.ascontiguousarray(hidden[:, keep].float().numpy()),
+                np.ascontiguousarray(tok.attention_mask[:, keep].numpy().astype(np.int32)))
+
+
+class ImageEncoder:
+    """diffusers AutoencoderDC (or any diffusers VAE whose encode() returns .latent / .latent_dist)."""
+
+    def __init__(self, folder: str, resolution: int):
+        import torch
+        from diffusers import AutoencoderDC
+
+        self.torch, self.resolution = torch, resolution
+        self.vae = AutoencoderDC.from_pretrained(folder, local_files_only=True).eval()
+        self.scale = float(self.vae.config.scaling_factor)
+
+    def load(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        img = Image.open(path).convert("RGB")
+        s = self.resolution / min(img.size)
+        img = img.resize((max(self.resolution, round(img.width * s)), max(self.resolution, round(img.height * s))),
+                         Image.BICUBIC)
+        left, top = (img.width - self.resolution) // 2, (img.height - self.resolution) // 2
+        img = img.crop((left, top, left + self.resolution, top + self.resolution))
+        return np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+    def __call__(self, paths: list[Path]) -> np.ndarray:
+        x = self.torch.from_numpy(np.stack([self.load(p) for p in paths]))
+        with self.torch.no_grad():
+            return np.ascontiguousarray((self.vae.encode(x).latent * self.scale).float().numpy())
+
+
+def prepare(pairs, out: str | Path, vae: str, text_encoder: str, resolution: int = 1024, max_length: int = 300,
+            batch_size: int = 8, instruction: str = "", split: str = "train", progress: bool = True) -> Path:
+    """Encodes every pair (resumably) and writes the records; returns the dataset folder."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    staging = out / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    meta = {"n": len(pairs), "batch_size": batch_size, "resolution": resolution, "max_length": max_length,
+            "instruction": instruction, "split": split}
+    meta_path = staging / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
+        raise DataError(f"{staging} holds a run with other settings ({meta_path}); delete it or match them")
+    meta_path.write_text(json.dumps(meta))
+    images, text = ImageEncoder(vae, resolution), TextEncoder(text_encoder, max_length, instruction)
+    n_batches = math.ceil(len(pairs) / batch_size)
+    todo = [i for i in range(n_batches) if not (staging / f"batch_{i:06d}.safetensors").is_file()]
+    for i in tqdm(todo, desc="encoding batches", disable=not progress, initial=n_batches - len(todo),
+                  total=n_batches):
+        chunk = pairs[i * batch_size:(i + 1) * batch_size]
+        lat = images([p for p, _ in chunk])
+        cap, mask = text([c for _, c in chunk])
+        tmp = staging / f".batch_{i:06d}.tmp"
+        # safetensors writes raw buffers: arrays must be C-contiguous (torch outputs may not be)
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in
+                                     (("latents", lat), ("caption", cap), ("mask", mask))}, str(tmp))
+        tmp.rename(staging / f"batch_{i:06d}.safetensors")  # atomic: a batch is either complete or absent
+    null_cap, null_mask = text([""])
+    first = safetensors.numpy.load_file(str(staging / "batch_000000.safetensors"))
+    shapes = {"latents": first["latents"].shape[1:], "caption": first["caption"].shape[1:],
+              "caption_mask": first["mask"].shape[1:]}
+    folder = pipeline.write_records(out, {split: functools.partial(_staged_examples, staging, n_batches)}, shapes,
+                                    null_cap[0], null_mask[0])
+    shutil.rmtree(staging)
+    return folder
+
+
+def _staged_examples(staging: Path, n_batches: int):
+    for i in range(n_batches):
+        t = safetensors.numpy.load_file(str(staging / f"batch_{i:06d}.safetensors"))
+        for lat, cap, mask in zip(t["latents"], t["caption"], t["mask"], strict=True):
+            yield {"latents": lat, "caption": cap, "caption_mask": mask}
