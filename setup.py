@@ -22,9 +22,13 @@ CORE = [
     "protobuf==7.36.2",
     "pillow==13.0.0",
     "tqdm==4.70.1",
+    "importlib-resources==7.1.0",  # tensorflow-datasets needs it and does not declare it
+    "tensorflow-cpu==2.21.0",  # clu's TensorBoard writer imports TensorFlow (what TPU training images carry)
 ]
+# libtpu: TPU training, and `sprintjax compile` for TPU topologies from a CPU machine (AOT).
+TPU = ["libtpu==0.0.42.1"]
 # PyTorch side: parity tests, diffusers export and the mobile path. `import sprintjax` never needs it.
-TORCH = ["torch==2.13.0", "diffusers==0.42.1"]
+TORCH = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "tokenizers==0.23.3"]
 DEV = ["pytest==9.2.0", "ruff==0.17.6", "nbmake==1.5.5", "ipykernel==7.4.0"]
 
 setup(
@@ -34,6 +38,6 @@ setup(
     packages=find_packages(include=["sprintjax", "sprintjax.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"torch": TORCH, "dev": TORCH + DEV},
+    extras_require={"torch": TORCH, "tpu": TPU, "dev": TORCH + TPU + DEV},
     entry_points={"console_scripts": ["sprintjax=sprintjax.cli:main"]},
 )

@@ -37,6 +37,16 @@ def test_global_batches_are_the_same_for_any_process_count_and_resume_exactly(re
     assert caption.shape == (5, 12) and mask.dtype == np.int32
 
 
+def test_worker_processes_give_the_same_stream(records):
+    import absl.flags
+
+    absl.flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (the CLI does this)
+    plain = pipeline.train_iterator(records, "train", 8, seed=5)
+    workers = pipeline.train_iterator(records, "train", 8, seed=5, worker_count=2)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(workers)["latents"], next(plain)["latents"])
+
+
 def test_missing_records_and_splits_are_clear_errors(records, tmp_path):
     with pytest.raises(pipeline.DataError, match="no training records under"):
         pipeline.open_split(tmp_path, "train")

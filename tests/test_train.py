@@ -139,6 +139,11 @@ def test_resume_on_a_different_mesh(reference, tmp_path):
 def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(reference, tmp_path):
     wd = tmp_path / "corrupt"
     shutil.copytree(reference[0], wd)
+    # A half-written save (what a crash mid-save leaves: orbax's temporary folder) is never picked up ...
+    half = wd / "checkpoints" / f"{STEPS + 4}.orbax-checkpoint-tmp-1234"
+    shutil.copytree(wd / "checkpoints" / str(STEPS), half)
+    (half / "commit_success.txt").unlink()
+    # ... and a sealed checkpoint with a flipped byte is refused.
     victim = sorted((wd / "checkpoints" / str(STEPS) / "state").rglob("d/*"))[0]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
