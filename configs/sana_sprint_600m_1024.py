@@ -1,25 +1,14 @@
 """SANA-Sprint 0.6B at 1024px (32x32 latents, 300 caption tokens): the official recipe (facts §6).
 
-CAME, lr 2e-6 x sqrt(global_batch / 256), 5000-step G warmup, global batch 512, ~20k iterations, bf16 compute
-with float32 master weights (attention, norms and the sCM loss in float32), FSDP over the data axis.
-    sprintjax train --config configs/sana_sprint_600m_1024.py --workdir gs://... \\
-        --config.train.teacher_checkpoint=... --config.data.dir=...
+arg: the global batch (default 512). CAME, lr 2e-6 x sqrt(global_batch / 256), 5000-step G warmup,
+~20k G+D pairs, bf16 compute with float32 master weights (attention, norms and the sCM loss in float32),
+FSDP over all devices.
+    sprintjax train --config configs/sana_sprint_600m_1024.py --workdir /shared/runs/sprint600 --distributed \\
+        --config.train.teacher_checkpoint=/shared/teacher --config.data.dir=/shared/records
 """
 
-import math
-
-from sprintjax.configlib import run_config
-from sprintjax.model_config import preset
-
-GLOBAL_BATCH = 512
+from sprintjax.configlib import official_recipe
 
 
 def get_config(arg=None):
-    lr = 2e-6 * math.sqrt(GLOBAL_BATCH / 256)
-    return run_config(
-        preset("sana_600m_teacher", dtype="bfloat16", remat="dots"),
-        distill=dict(lr_g=lr, lr_d=lr),
-        data=dict(global_batch=GLOBAL_BATCH, worker_count=8, prefetch=4),
-        train=dict(num_steps=40_000, log_every=50, ckpt_every=1000, keep=3, keep_every=5000, sample_every=1000),
-        mesh={"data": 1, "fsdp": -1},
-    )
+    return official_recipe("sana_600m_teacher", global_batch=int(arg or 512))

@@ -188,3 +188,21 @@ def run_config(model: ModelConfig, *, distill=None, data=None, train=None, shard
     c.sharding = section(ShardingConfig(), **(sharding or {}))
     c.mesh = ml_collections.ConfigDict(mesh or {"data": -1, "fsdp": 1})
     return c
+
+
+def official_recipe(teacher_preset: str, global_batch: int = 512):
+    """SANA-Sprint's distillation recipe at 1024px (facts §6) around a teacher preset: CAME at
+    lr 2e-6 x sqrt(global_batch / 256) for G and D, 5000-step G warmup, bf16 compute with float32 weights,
+    ~20k G+D iteration pairs, FSDP over every device."""
+    import math
+
+    from sprintjax.model_config import preset
+
+    lr = 2e-6 * math.sqrt(global_batch / 256)
+    return run_config(
+        preset(teacher_preset, dtype="bfloat16", remat="dots"),
+        distill=dict(lr_g=lr, lr_d=lr),
+        data=dict(global_batch=global_batch, worker_count=8, prefetch=4),
+        train=dict(num_steps=40_000, log_every=50, ckpt_every=1000, keep=3, keep_every=5000, sample_every=1000),
+        mesh={"data": 1, "fsdp": -1},
+    )
