@@ -148,11 +148,20 @@ def cmd_prepare_data(a):
 
     from sprintjax.data.prepare import find_pairs, prepare
 
-    pairs = find_pairs(a.images, a.captions_jsonl)
+    if a.shapes:
+        from sprintjax import shapes
+
+        splits = {}
+        for split, n in (("train", a.num), ("validation", a.num_validation)):
+            images, scenes = shapes.sample_images(split, n)
+            splits[split] = [(img, sc.caption) for img, sc in zip(images, scenes, strict=True)]
+        source = "shapes"
+    else:
+        splits, source = {a.split: find_pairs(a.images, a.captions_jsonl)}, a.images or a.captions_jsonl
     instruction = Path(a.instruction_file).read_text() if a.instruction_file else ""
-    print(f"{len(pairs)} image/caption pairs -> {a.out}", flush=True)
-    folder = prepare(pairs, a.out, a.vae, a.text_encoder, a.resolution, a.max_length, a.batch_size, instruction,
-                     a.split)
+    print(", ".join(f"{k}: {len(v)} pairs" for k, v in splits.items()) + f" -> {a.out}", flush=True)
+    folder = prepare(splits, a.out, a.vae, a.text_encoder, a.resolution, a.max_length, a.batch_size, instruction,
+                     source=source)
     print(f"wrote training records {folder} (with null_caption.safetensors)")
 
 
@@ -210,14 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of images, each with a same-named .txt caption")
     src.add_argument("--captions-jsonl", help='JSONL of {"image": path relative to the file, "caption": text}')
-    s.add_argument("--vae", required=True, help="local diffusers AutoencoderDC folder")
-    s.add_argument("--text-encoder", required=True, help="local transformers model + tokenizer folder")
+    src.add_argument("--shapes", action="store_true", help="the embedded shapes dataset (train + validation)")
+    s.add_argument("--num", type=int, default=10000, help="with --shapes: training scenes")
+    s.add_argument("--num-validation", type=int, default=1000, help="with --shapes: validation scenes")
+    s.add_argument("--vae", required=True, help="local diffusers AutoencoderDC folder, or builtin-s2d")
+    s.add_argument("--text-encoder", required=True, help="local transformers model + tokenizer folder, or minilm")
     s.add_argument("--out", required=True, help="output data folder (TFDS/ArrayRecord)")
     s.add_argument("--resolution", type=int, default=1024)
     s.add_argument("--max-length", type=int, default=300, help="caption tokens kept (SANA: 300)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--instruction-file", help="text prepended to every caption (SANA's complex human instruction)")
-    s.add_argument("--split", default="train")
+    s.add_argument("--split", default="train", help="split name of --images / --captions-jsonl pairs")
     s.set_defaults(fn=cmd_prepare_data)
 
     s = sub.add_parser("compile", help="AOT-compile the training steps for a TPU topology or cpu:N; print memory",

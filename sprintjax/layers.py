@@ -175,6 +175,26 @@ class CrossAttention(nn.Module):
         return Dense(d, dtype=self.dtype, name="to_out")(out)
 
 
+class DepthwiseConv3x3(nn.Module):
+    """3x3 depthwise conv (padding 1, bias) as nine shifted multiply-adds, parameters `kernel` [3, 3, 1, C]
+    (Flax's depthwise layout) and `bias` [C]. Same result as a grouped conv; XLA:CPU runs grouped-conv
+    gradients very slowly, and shifted products are plain elementwise ops on every backend."""
+
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, 1, c), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        x = x.astype(self.dtype)
+        h, w = x.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        out = sum(padded[:, dy:dy + h, dx:dx + w, :] * kernel[dy, dx, 0].astype(self.dtype)
+                  for dy in range(3) for dx in range(3))
+        return out + bias.astype(self.dtype)
+
+
 class MixFFN(nn.Module):
     """GLUMBConv: 1x1 D->2H (bias), SiLU, 3x3 depthwise (bias), value * SiLU(gate), 1x1 H->D (no bias)."""
 
@@ -187,8 +207,6 @@ class MixFFN(nn.Module):
         b, n, d = x.shape
         h2 = 2 * self.hidden
         h = nn.silu(Dense(h2, dtype=self.dtype, name="conv_inverted")(x))  # a 1x1 conv is a Dense on tokens
-        h = h.reshape(b, *self.hw, h2)
-        h = nn.Conv(h2, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=h2, dtype=self.dtype,
-                    param_dtype=jnp.float32, name="conv_depth")(h)
+        h = DepthwiseConv3x3(self.dtype, name="conv_depth")(h.reshape(b, *self.hw, h2))
         value, gate = jnp.split(h.reshape(b, n, h2), 2, axis=-1)
         return Dense(d, use_bias=False, dtype=self.dtype, name="conv_point")(value * nn.silu(gate))

@@ -92,12 +92,13 @@ def test_prepare_data_encodes_with_the_real_encoders_and_resumes(encoders, image
 
     monkeypatch.setattr(prep.ImageEncoder, "__call__", flaky)
     with pytest.raises(KeyboardInterrupt):
-        prepare(pairs, tmp_path / "out", str(vae), str(te), resolution=32, max_length=6, batch_size=2, progress=False)
-    assert len(list((tmp_path / "out" / ".staging").glob("batch_*.safetensors"))) == 2
+        prepare({"train": pairs}, tmp_path / "out", str(vae), str(te), resolution=32, max_length=6, batch_size=2,
+                progress=False)
+    assert len(list((tmp_path / "out" / ".staging").glob("train_*.safetensors"))) == 2
     monkeypatch.setattr(prep.ImageEncoder, "__call__", original)
     calls["n"] = 0
-    folder = prepare(pairs, tmp_path / "out", str(vae), str(te), resolution=32, max_length=6, batch_size=2,
-                     progress=False)  # ... and the rerun encodes only the last batch
+    folder = prepare({"train": pairs}, tmp_path / "out", str(vae), str(te), resolution=32, max_length=6,
+                     batch_size=2, progress=False)  # ... and the rerun encodes only the last batch
     assert not (tmp_path / "out" / ".staging").exists()
     src = pipeline.open_split(folder, "train")
     assert len(src) == 5

