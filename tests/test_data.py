@@ -139,3 +139,23 @@ def test_find_pairs_errors(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"image": "missing.png", "caption": "x"}\n')
     with pytest.raises(pipeline.DataError, match="not found"):
         find_pairs(captions_jsonl=str(tmp_path / "c.jsonl"))
+
+
+def test_prepare_shapes_with_builtin_autoencoder_and_minilm(tmp_path):
+    """The embedded dataset goes through prepare-data like real data: both splits, lossless latents, MiniLM."""
+    from sprintjax import shapes
+    from sprintjax.cli import main
+
+    out = tmp_path / "shapes"
+    assert main(["prepare-data", "--shapes", "--num", "12", "--num-validation", "6", "--vae", "builtin-s2d",
+                 "--text-encoder", "minilm", "--max-length", "16", "--batch-size", "5", "--out", str(out)]) == 0
+    train, val = pipeline.open_split(out, "train"), pipeline.open_split(out, "validation")
+    assert len(train) == 12 and len(val) == 6
+    imgs, scenes = shapes.sample_images("validation", 6)
+    got = np.stack([val[i]["latents"] for i in range(6)])
+    np.testing.assert_array_equal(shapes.decode(got), imgs)  # lossless, and in source order
+    assert val[0]["caption"].shape == (16, 384)
+    n_tokens = int(val[0]["caption_mask"].sum())
+    assert n_tokens == len(scenes[0].caption.split()) + 2  # [CLS] words [SEP]
+    null, mask = pipeline.load_null_caption(out)
+    assert null.shape == (16, 384) and int(mask.sum()) == 2
