@@ -165,6 +165,40 @@ def cmd_prepare_data(a):
     print(f"wrote training records {folder} (with null_caption.safetensors)")
 
 
+def cmd_eval(a):
+    from pathlib import Path
+
+    from sprintjax import evaluate, features
+    from sprintjax.convert import load_params
+    from sprintjax.data.pipeline import load_null_caption
+    from sprintjax.model import SanaTransformer
+
+    if not (a.teacher or a.student):
+        raise SprintjaxError("give --teacher and/or --student (params checkpoints)")
+    caption, mask, scenes = evaluate.prompts(a.data, a.num)
+    feat = features.load()
+    ref = evaluate.reference_features(scenes, feat)
+    steps = {"teacher": [int(s) for s in a.teacher_steps.split(",")] if a.teacher else [],
+             "student": [int(s) for s in a.student_steps.split(",")] if a.student else []}
+    noise = evaluate.noise_for(len(caption), max(steps["teacher"] + steps["student"]), a.seed)
+    results, grids = {}, {}
+    for kind in ("teacher", "student"):
+        if not steps[kind]:
+            continue
+        params, cfg = load_params(getattr(a, kind))
+        model = SanaTransformer(cfg)
+        null = load_null_caption(a.data)[0]
+        for k in steps[kind]:
+            run, nfe = (evaluate.teacher_sampler(model, params, null, k) if kind == "teacher"
+                        else evaluate.student_sampler(model, params, k))
+            print(f"evaluating {kind}_{k} on {len(caption)} prompts ...", flush=True)
+            results[f"{kind}_{k}"], grids[f"{kind}_{k}"] = evaluate.evaluate(run, nfe, caption, mask, scenes,
+                                                                             noise[:k], ref, feat)
+    evaluate.write_results(Path(a.out), results, grids)
+    print((Path(a.out) / "results.md").read_text())
+    print(f"wrote {a.out}/results.json, results.md, grid.png")
+
+
 def cmd_demo(a):
     from sprintjax.demo import run_demo
 
@@ -231,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--instruction-file", help="text prepended to every caption (SANA's complex human instruction)")
     s.add_argument("--split", default="train", help="split name of --images / --captions-jsonl pairs")
     s.set_defaults(fn=cmd_prepare_data)
+
+    s = sub.add_parser("eval", help="benchmark a teacher and/or student on the shapes validation prompts")
+    s.add_argument("--data", required=True, help="prepared shapes records (train + validation)")
+    s.add_argument("--teacher", help="teacher params checkpoint")
+    s.add_argument("--teacher-steps", default="20,1", help="comma-separated Euler step counts (CFG 4.5)")
+    s.add_argument("--student", help="student params checkpoint")
+    s.add_argument("--student-steps", default="1,2,4", help="comma-separated few-step sampler step counts")
+    s.add_argument("--num", type=int, default=500, help="validation prompts")
+    s.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
+    s.add_argument("--out", required=True, help="folder for results.json, results.md, grid.png")
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("compile", help="AOT-compile the training steps for a TPU topology or cpu:N; print memory",
                        epilog="Override any config field with --config.section.key=value.")
