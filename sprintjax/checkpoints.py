@@ -143,3 +143,38 @@ class Checkpoints:
 
     def close(self):
         self.mngr.close()
+
+
+def trained_params(workdir: str | Path, part: str = "student", step: int | None = None):
+    """(params, model config, step) from a training workdir's checkpoint (the latest sealed one by default).
+
+    part: "student" (a distillation run: the student's SANA params, without the logvar head) or "params" (a
+    teacher-stage run). The model config comes from the run's saved config.json.
+    """
+    import ml_collections
+
+    from sprintjax.configlib import resolve
+    from sprintjax.errors import CheckpointError
+
+    workdir = Path(workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*") if p.is_dir())
+    if not steps:
+        raise CheckpointError(f"{workdir} has no training checkpoints")
+    step = steps[-1] if step is None else step
+    step_dir = workdir / "checkpoints" / str(step)
+    if step not in steps:
+        raise CheckpointError(f"{workdir} has no checkpoint at step {step} (it has {steps})")
+    problems = verify(step_dir)
+    if problems:
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt: {'; '.join(problems[:3])}")
+    rc = resolve(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
+    ckpt = ocp.StandardCheckpointer()
+    tree = ckpt.restore((step_dir / "state").absolute())
+    ckpt.close()
+    if part == "student":
+        if "student" not in tree:
+            raise CheckpointError(f"{workdir} is not a distillation run (no student in its state)")
+        return tree["student"]["net"], rc.model.replace(guidance_embeds=True), step
+    if "params" not in tree:
+        raise CheckpointError(f"{workdir} is not a teacher-stage run (no params in its state)")
+    return tree["params"], rc.model, step

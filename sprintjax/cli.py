@@ -199,6 +199,22 @@ def cmd_eval(a):
     print(f"wrote {a.out}/results.json, results.md, grid.png")
 
 
+def cmd_train_teacher(a, overrides):
+    """Flow-matching teacher training (train.stage = teacher), then the final params exported."""
+    from pathlib import Path
+
+    from sprintjax.checkpoints import trained_params
+    from sprintjax.convert import params_to_diffusers, save_params
+
+    cmd_train(a, overrides)
+    params, cfg, step = trained_params(a.workdir, "params")
+    cfg = cfg.replace(dtype="float32", remat="none")
+    out = Path(a.export or Path(a.workdir) / "teacher")
+    save_params(out, params, cfg, force=True)
+    params_to_diffusers(out.with_name(out.name + "_diffusers"), params, cfg, force=True)
+    print(f"exported the teacher at step {step}: {out} (params) and {out}_diffusers (diffusers)")
+
+
 def cmd_demo(a):
     from sprintjax.demo import run_demo
 
@@ -248,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--process-id", type=int, default=0)
     s.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
     s.set_defaults(fn=cmd_train, takes_overrides=True)
+
+    s = sub.add_parser("train-teacher", help="flow-matching teacher training, then export its params",
+                       epilog="Override any config field with --config.section.key=value.")
+    s.add_argument("--config", required=True, help="a teacher-stage config, e.g. configs/shapes.py:teacher")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--export", help="params checkpoint to write (default WORKDIR/teacher; + _diffusers folder)")
+    s.add_argument("--coordinator", help=argparse.SUPPRESS)
+    s.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
+    s.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_train_teacher, takes_overrides=True)
 
     s = sub.add_parser("prepare-data", help="image/caption pairs -> ArrayRecord training records (resumable)")
     src = s.add_mutually_exclusive_group(required=True)

@@ -167,3 +167,26 @@ def test_bad_input_is_one_clear_error_before_training(tmp_path, args, devices, m
     assert out.returncode == 2, out.stderr[-3000:]
     assert message in out.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists() or not list((tmp_path / "bad" / "checkpoints").iterdir())
+
+
+def test_train_teacher_exports_params_and_diffusers(tmp_path):
+    from diffusers import SanaTransformer2DModel
+
+    from sprintjax.checkpoints import trained_params
+    from sprintjax.convert import load_params
+    from sprintjax.errors import CheckpointError
+
+    wd = tmp_path / "teacher"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run([SPRINTJAX, "train-teacher", "--config", "configs/tiny.py:teacher", "--workdir", str(wd),
+                          "--config.train.num_steps=6", "--config.train.ckpt_every=3"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exported the teacher at step 6" in out.stdout
+    params, cfg = load_params(wd / "teacher")
+    assert cfg.num_layers == 3 and not cfg.guidance_embeds
+    SanaTransformer2DModel.from_pretrained(wd / "teacher_diffusers")
+    with pytest.raises(CheckpointError, match="not a distillation run"):
+        trained_params(wd, "student")
+    with pytest.raises(CheckpointError, match="no checkpoint at step 4"):
+        trained_params(wd, "params", step=4)
