@@ -8,6 +8,9 @@ Variants: (default) distillation, `teacher` (flow-matching pretraining with the 
 QK-norm of the paper's §3.2), `scm` / `ladd` (Table 3 ablations at the same budget).
 """
 
+from pathlib import Path
+
+import sprintjax
 from sprintjax.configlib import run_config
 from sprintjax.model_config import ModelConfig
 
@@ -17,7 +20,8 @@ TEACHER = ModelConfig(  # 0.74M parameters: a flow-matching step at batch 64 tak
     sample_size=8, qk_norm="rms_norm_across_heads",
 )
 DATA = dict(dir="runs/shapes_data", caption_len=16, global_batch=64)
-TEACHER_WEIGHTS = "sprintjax/assets/shapes_teacher"
+# The shipped teacher (a diffusers folder): see sprintjax/assets/README.md for the command and seed.
+TEACHER_WEIGHTS = str(Path(sprintjax.__file__).parent / "assets" / "shapes_teacher")
 
 
 def get_config(arg=None):

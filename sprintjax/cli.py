@@ -168,33 +168,13 @@ def cmd_prepare_data(a):
 def cmd_eval(a):
     from pathlib import Path
 
-    from sprintjax import evaluate, features
-    from sprintjax.convert import load_params
-    from sprintjax.data.pipeline import load_null_caption
-    from sprintjax.model import SanaTransformer
+    from sprintjax import evaluate
 
     if not (a.teacher or a.student):
-        raise SprintjaxError("give --teacher and/or --student (params checkpoints)")
-    caption, mask, scenes = evaluate.prompts(a.data, a.num)
-    feat = features.load()
-    ref = evaluate.reference_features(scenes, feat)
+        raise SprintjaxError("give --teacher and/or --student (params checkpoints or diffusers folders)")
     steps = {"teacher": [int(s) for s in a.teacher_steps.split(",")] if a.teacher else [],
              "student": [int(s) for s in a.student_steps.split(",")] if a.student else []}
-    noise = evaluate.noise_for(len(caption), max(steps["teacher"] + steps["student"]), a.seed)
-    results, grids = {}, {}
-    for kind in ("teacher", "student"):
-        if not steps[kind]:
-            continue
-        params, cfg = load_params(getattr(a, kind))
-        model = SanaTransformer(cfg)
-        null = load_null_caption(a.data)[0]
-        for k in steps[kind]:
-            run, nfe = (evaluate.teacher_sampler(model, params, null, k) if kind == "teacher"
-                        else evaluate.student_sampler(model, params, k))
-            print(f"evaluating {kind}_{k} on {len(caption)} prompts ...", flush=True)
-            results[f"{kind}_{k}"], grids[f"{kind}_{k}"] = evaluate.evaluate(run, nfe, caption, mask, scenes,
-                                                                             noise[:k], ref, feat)
-    evaluate.write_results(Path(a.out), results, grids)
+    evaluate.run_benchmark(a.data, Path(a.out), {"teacher": a.teacher, "student": a.student}, steps, a.num, a.seed)
     print((Path(a.out) / "results.md").read_text())
     print(f"wrote {a.out}/results.json, results.md, grid.png")
 
@@ -215,10 +195,16 @@ def cmd_train_teacher(a, overrides):
     print(f"exported the teacher at step {step}: {out} (params) and {out}_diffusers (diffusers)")
 
 
-def cmd_demo(a):
+def cmd_demo(a, overrides):
     from sprintjax.demo import run_demo
 
-    run_demo(Path(a.workdir))
+    run_demo(Path(a.workdir), Path(a.data), overrides, a.num_eval)
+
+
+def cmd_check_parity(a):
+    from sprintjax.parity_demo import run_parity_check
+
+    run_parity_check(Path(a.workdir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,9 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="also write the figures as JSON here")
     s.set_defaults(fn=cmd_compile, takes_overrides=True)
 
-    s = sub.add_parser("demo", help="end to end on a random diffusers model: import, sample 1/2/4 steps, PNG")
+    s = sub.add_parser("demo", help="the main job: distil the shipped shapes teacher, benchmark it (make demo)",
+                       epilog="Override any field of configs/shapes.py with --config.section.key=value.")
     s.add_argument("--workdir", default="runs/demo")
-    s.set_defaults(fn=cmd_demo)
+    s.add_argument("--data", default="runs/shapes_data", help="shapes records (built here if missing)")
+    s.add_argument("--num-eval", type=int, default=500, help="validation prompts to benchmark")
+    s.set_defaults(fn=cmd_demo, takes_overrides=True)
+
+    s = sub.add_parser("check-parity", help="a random diffusers model imported, sampled in both frameworks, "
+                                             "round-tripped: this installation against diffusers")
+    s.add_argument("--workdir", default="runs/parity")
+    s.set_defaults(fn=cmd_check_parity)
     return p
 
 

@@ -34,7 +34,7 @@ class TrainConfig:
     stage: str = "distill"  # distill (sCM + LADD) | teacher (flow-matching teacher adaptation, paper §3.2)
     seed: int = 0
     num_steps: int = 100  # iterations = batches; G and D alternate 1:1 when distilling
-    teacher_checkpoint: str = ""  # sprintjax params checkpoint; "" = random teacher (smoke runs only)
+    teacher_checkpoint: str = ""  # params checkpoint or diffusers folder; "" = random teacher (smoke runs only)
     log_every: int = 10
     ckpt_every: int = 50
     keep: int = 3  # keep the last N checkpoints ...

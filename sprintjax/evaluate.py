@@ -112,3 +112,28 @@ def write_results(out_dir: Path, results: dict, grids: dict[str, np.ndarray], co
     rows = [shapes.tile(imgs[:cols], cols) for imgs in grids.values()]
     canvas = np.concatenate(rows, axis=0).repeat(4, 0).repeat(4, 1)
     Image.fromarray(canvas).save(out_dir / "grid.png")
+
+
+def run_benchmark(data_dir, out_dir: Path, models: dict, steps: dict, num: int = 500, seed: int = 0) -> dict:
+    """Evaluates {"teacher": path, "student": path} at the given step counts; writes the results folder."""
+    from sprintjax.convert import load_model
+
+    caption, mask, scenes = prompts(data_dir, num)
+    feat = features.load()
+    ref = reference_features(scenes, feat)
+    noise = noise_for(len(caption), max(steps["teacher"] + steps["student"]), seed)
+    null = pipeline.load_null_caption(data_dir)[0]
+    results, grids = {}, {}
+    for kind in ("teacher", "student"):
+        if not steps[kind] or not models.get(kind):
+            continue
+        params, cfg = load_model(models[kind])
+        model = SanaTransformer(cfg)
+        for k in steps[kind]:
+            run, nfe = (teacher_sampler(model, params, null, k) if kind == "teacher"
+                        else student_sampler(model, params, k))
+            print(f"evaluating {kind}_{k} on {len(caption)} prompts ...", flush=True)
+            results[f"{kind}_{k}"], grids[f"{kind}_{k}"] = evaluate(run, nfe, caption, mask, scenes, noise[:k], ref,
+                                                                   feat)
+    write_results(out_dir, results, grids)
+    return results

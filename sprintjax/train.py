@@ -63,6 +63,15 @@ def _teacher_params(rc: RunConfig, mesh, key):
         return jax.jit(model.init, out_shardings=shardings)(key), shardings
     from sprintjax.convert.params_ckpt import read_model_config
 
+    if (Path(rc.train.teacher_checkpoint) / "config.json").is_file():  # a diffusers transformer folder
+        from sprintjax.convert import diffusers_to_params
+
+        params, src_cfg = diffusers_to_params(rc.train.teacher_checkpoint)
+        src_cfg = src_cfg.replace(dtype=rc.model.dtype, remat=rc.model.remat)
+        if src_cfg != rc.model:
+            raise CheckpointError(f"teacher {rc.train.teacher_checkpoint} does not match config.model:\n{src_cfg}\n"
+                                  f"vs\n{rc.model}")
+        return jax.device_put(params, shardings), shardings
     src_cfg = read_model_config(rc.train.teacher_checkpoint).replace(dtype=rc.model.dtype, remat=rc.model.remat)
     if src_cfg == rc.model:
         return load_params(rc.train.teacher_checkpoint, src_cfg, shardings, check_finite=False)[0], shardings

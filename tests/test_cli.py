@@ -90,7 +90,8 @@ def test_pickled_npy_and_teacher_guidance_are_refused(ckpt, diffusers_models, tm
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "sprintjax.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for cmd in ("import-diffusers", "export-diffusers", "sample", "info", "demo"):
+    for cmd in ("import-diffusers", "export-diffusers", "sample", "info", "demo", "check-parity", "train",
+                "train-teacher", "prepare-data", "eval", "compile"):
         assert cmd in out
 
 

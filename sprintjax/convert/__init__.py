@@ -23,6 +23,13 @@ def params_to_diffusers(dst: str | Path, params: dict, cfg: ModelConfig, force: 
     write_diffusers(dst, cfg, state, force=force)
 
 
+def load_model(path: str | Path) -> tuple[dict, ModelConfig]:
+    """Params and config from a sprintjax params checkpoint or a diffusers transformer folder."""
+    if (Path(path) / "config.json").is_file() and not (Path(path) / "model_config.json").is_file():
+        return diffusers_to_params(path)
+    return load_params(path)
+
+
 def import_diffusers(src: str | Path, dst: str | Path, force: bool = False) -> ModelConfig:
     """`sprintjax import-diffusers`: diffusers folder -> Orbax params checkpoint + model config JSON."""
     params, cfg = diffusers_to_params(src)
@@ -38,6 +45,6 @@ def export_diffusers(src: str | Path, dst: str | Path, force: bool = False) -> M
 
 
 __all__ = [
-    "diffusers_to_params", "export_diffusers", "import_diffusers", "load_params", "params_to_diffusers",
+    "diffusers_to_params", "export_diffusers", "import_diffusers", "load_model", "load_params", "params_to_diffusers",
     "save_params",
 ]
