@@ -241,26 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", help="a preset name (e.g. sana_sprint_600m), a config file.py:arg, or a params checkpoint")
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("train", help="distil (or adapt a teacher) from a config; rerun to resume",
-                       epilog="Override any config field with --config.section.key=value.")
-    s.add_argument("--config", required=True, help="config file and variant, e.g. configs/tiny.py:fsdp")
-    s.add_argument("--workdir", required=True, help="checkpoints, logs, metrics.jsonl, samples")
-    s.add_argument("--coordinator", help="host:port of process 0 (multi-process runs started by a launcher)")
-    s.add_argument("--num-processes", type=int, default=1)
-    s.add_argument("--process-id", type=int, default=0)
-    s.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
-    s.set_defaults(fn=cmd_train, takes_overrides=True)
+    def training_parser(name, help, config_help, fn):
+        s = sub.add_parser(name, help=help, epilog="Override any config field with --config.section.key=value.")
+        s.add_argument("--config", required=True, help=config_help)
+        s.add_argument("--workdir", required=True, help="checkpoints, logs, metrics.jsonl, samples")
+        s.add_argument("--coordinator", help="host:port of process 0 (multi-process runs started by a launcher)")
+        s.add_argument("--num-processes", type=int, default=1)
+        s.add_argument("--process-id", type=int, default=0)
+        s.add_argument("--distributed", action="store_true", help="jax.distributed.initialize(), auto-detected")
+        s.set_defaults(fn=fn, takes_overrides=True)
+        return s
 
-    s = sub.add_parser("train-teacher", help="flow-matching teacher training, then export its params",
-                       epilog="Override any config field with --config.section.key=value.")
-    s.add_argument("--config", required=True, help="a teacher-stage config, e.g. configs/shapes.py:teacher")
-    s.add_argument("--workdir", required=True)
+    training_parser("train", "distil (or adapt a teacher) from a config; rerun to resume",
+                    "config file and variant, e.g. configs/tiny.py:fsdp", cmd_train)
+    s = training_parser("train-teacher", "flow-matching teacher training, then export its params",
+                        "a teacher-stage config, e.g. configs/shapes.py:teacher", cmd_train_teacher)
     s.add_argument("--export", help="params checkpoint to write (default WORKDIR/teacher; + _diffusers folder)")
-    s.add_argument("--coordinator", help=argparse.SUPPRESS)
-    s.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
-    s.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
-    s.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
-    s.set_defaults(fn=cmd_train_teacher, takes_overrides=True)
 
     s = sub.add_parser("prepare-data", help="image/caption pairs -> ArrayRecord training records (resumable)")
     src = s.add_mutually_exclusive_group(required=True)
