@@ -27,8 +27,8 @@ TEACHER_WEIGHTS = str(Path(sprintjax.__file__).parent / "assets" / "shapes_teach
 def get_config(arg=None):
     if arg == "teacher":
         return run_config(TEACHER, data=DATA,
-                          train=dict(stage="teacher", num_steps=6000, lr=1e-3, warmup_steps=500, log_every=100,
-                                     ckpt_every=500, keep=2, sample_every=1000, num_samples=16))
+                          train=dict(stage="teacher", num_steps=6000, lr=1e-3, warmup_steps=500, ema_decay=0.999,
+                                     log_every=100, ckpt_every=500, keep=2, sample_every=1000, num_samples=16))
     c = run_config(
         TEACHER, data=DATA,
         distill=dict(lr_g=1e-4, lr_d=1e-4, warmup_steps_g=50, tangent_warmup_steps=200, disc_layers=(1, 3)),

@@ -149,7 +149,7 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
     """(params, model config, step) from a training workdir's checkpoint (the latest sealed one by default).
 
     part: "student" (a distillation run: the student's SANA params, without the logvar head) or "params" (a
-    teacher-stage run). The model config comes from the run's saved config.json.
+    teacher-stage run: its EMA weights if it kept them). The model config comes from the run's config.json.
     """
     import ml_collections
 
@@ -177,4 +177,4 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
         return tree["student"]["net"], rc.model.replace(guidance_embeds=True), step
     if "params" not in tree:
         raise CheckpointError(f"{workdir} is not a teacher-stage run (no params in its state)")
-    return tree["params"], rc.model, step
+    return tree.get("ema") or tree["params"], rc.model, step  # the EMA weights when the run kept them

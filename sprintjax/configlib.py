@@ -46,6 +46,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # stop after this many consecutive non-finite losses
     lr: float = 2e-5  # teacher stage only (distillation lrs live in the distill section)
     warmup_steps: int = 0  # teacher stage only
+    ema_decay: float = 0.0  # teacher stage only: EMA of the weights (exported when on), 0 = off
 
 
 @dataclasses.dataclass(frozen=True)

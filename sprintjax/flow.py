@@ -23,6 +23,7 @@ class TeacherState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt: Any
+    ema: Any  # exponential moving average of params (what is exported), or None
     skipped: jax.Array
     null_caption: jax.Array  # [L, C_text]
 
@@ -63,19 +64,24 @@ def flow_loss(model: SanaTransformer, params, batch, rng, null_caption, cond_dro
 class TeacherTrainer:
     """Static description of teacher training; `step` is the pure function the trainer jits."""
 
-    def __init__(self, model_cfg, lr: float, warmup: int, cond_drop: float = 0.1):
+    def __init__(self, model_cfg, lr: float, warmup: int, cond_drop: float = 0.1, ema_decay: float = 0.0):
         self.model = SanaTransformer(model_cfg)
         self.tx = make_teacher_optimizer(lr, warmup)
-        self.cond_drop = cond_drop
+        self.cond_drop, self.ema_decay = cond_drop, ema_decay
 
     def init(self, params, null_caption) -> TeacherState:
         params = jax.tree.map(jnp.array, params)
         return TeacherState(step=jnp.zeros([], jnp.int32), params=params, opt=self.tx.init(params),
+                            ema=jax.tree.map(jnp.array, params) if self.ema_decay else None,
                             skipped=jnp.zeros([], jnp.int32), null_caption=jnp.array(null_caption, jnp.float32))
 
     def step(self, state: TeacherState, batch, rng):
         grad_fn = jax.value_and_grad(flow_loss, argnums=1, has_aux=True)
         (_, metrics), grads = grad_fn(self.model, state.params, batch, rng, state.null_caption, self.cond_drop)
         params, opt, ok, gnorm = apply_if_finite(self.tx, grads, state.opt, state.params)
-        state = state.replace(params=params, opt=opt, step=state.step + ok, skipped=state.skipped + (1 - ok))
+        ema = state.ema
+        if self.ema_decay:
+            d = self.ema_decay
+            ema = jax.tree.map(lambda e, p: jnp.where(ok, d * e + (1 - d) * p, e), state.ema, params)
+        state = state.replace(params=params, opt=opt, ema=ema, step=state.step + ok, skipped=state.skipped + (1 - ok))
         return state, dict(metrics, grad_norm=gnorm, skipped=state.skipped)

@@ -112,7 +112,7 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
         steps = {"train": runner.train_step, "generator": runner.generator_step,
                  "discriminator": runner.discriminator_step}
     else:
-        runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps)
+        runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps, ema_decay=rc.train.ema_decay)
         init = lambda tp, null, _: runner.init(tp, null)  # noqa: E731
         steps = {"train": runner.step}
     abstract = jax.eval_shape(init, teacher_params, null_caption, jax.random.key(0))

@@ -179,12 +179,17 @@ def test_train_teacher_exports_params_and_diffusers(tmp_path):
     wd = tmp_path / "teacher"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run([SPRINTJAX, "train-teacher", "--config", "configs/tiny.py:teacher", "--workdir", str(wd),
-                          "--config.train.num_steps=6", "--config.train.ckpt_every=3"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+                          "--config.train.num_steps=6", "--config.train.ckpt_every=3", "--config.train.ema_decay=0.5"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "exported the teacher at step 6" in out.stdout
     params, cfg = load_params(wd / "teacher")
     assert cfg.num_layers == 3 and not cfg.guidance_embeds
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore((wd / "checkpoints" / "6" / "state").absolute())
+    assert np.array_equal(params["proj_out"]["kernel"], state["ema"]["proj_out"]["kernel"])  # EMA is exported
+    assert not np.array_equal(state["ema"]["proj_out"]["kernel"], state["params"]["proj_out"]["kernel"])
     SanaTransformer2DModel.from_pretrained(wd / "teacher_diffusers")
     with pytest.raises(CheckpointError, match="not a distillation run"):
         trained_params(wd, "student")
