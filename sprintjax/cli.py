@@ -151,11 +151,7 @@ def cmd_prepare_data(a):
     if a.shapes:
         from sprintjax import shapes
 
-        splits = {}
-        for split, n in (("train", a.num), ("validation", a.num_validation)):
-            images, scenes = shapes.sample_images(split, n)
-            splits[split] = [(img, sc.caption) for img, sc in zip(images, scenes, strict=True)]
-        source = "shapes"
+        splits, source = shapes.caption_pairs(a.num, a.num_validation), "shapes"
     else:
         splits, source = {a.split: find_pairs(a.images, a.captions_jsonl)}, a.images or a.captions_jsonl
     instruction = Path(a.instruction_file).read_text() if a.instruction_file else ""

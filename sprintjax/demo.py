@@ -22,11 +22,7 @@ def ensure_dataset(data_dir: Path, num: int = 10000, num_validation: int = 1000)
 
     if list(data_dir.glob("*/*/dataset_info.json")):
         return data_dir
-    splits = {}
-    for split, n in (("train", num), ("validation", num_validation)):
-        images, scenes = shapes.sample_images(split, n)
-        splits[split] = [(img, sc.caption) for img, sc in zip(images, scenes, strict=True)]
-    prepare(splits, data_dir, "builtin-s2d", "minilm", max_length=16, batch_size=256, source="shapes")
+    prepare(shapes.caption_pairs(num, num_validation), data_dir, "builtin-s2d", "minilm", max_length=16, batch_size=256, source="shapes")
     return data_dir
 
 

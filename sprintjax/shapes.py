@@ -135,6 +135,15 @@ def sample_images(split: str, n: int, start: int = 0) -> tuple[np.ndarray, list[
     return np.stack([render(s) for s in scenes]), scenes
 
 
+def caption_pairs(num: int, num_validation: int) -> dict[str, list[tuple[np.ndarray, str]]]:
+    """{split: [(image, caption), ...]} for `prepare-data` (train and validation splits)."""
+    out = {}
+    for split, n in (("train", num), ("validation", num_validation)):
+        images, scenes = sample_images(split, n)
+        out[split] = [(img, sc.caption) for img, sc in zip(images, scenes, strict=True)]
+    return out
+
+
 def tile(images: np.ndarray, cols: int) -> np.ndarray:
     """A grid of images [N, H, W, 3] with 2-pixel white gutters."""
     n, h, w, _ = images.shape
