@@ -22,7 +22,8 @@ def ensure_dataset(data_dir: Path, num: int = 10000, num_validation: int = 1000)
 
     if list(data_dir.glob("*/*/dataset_info.json")):
         return data_dir
-    prepare(shapes.caption_pairs(num, num_validation), data_dir, "builtin-s2d", "minilm", max_length=16, batch_size=256, source="shapes")
+    prepare(shapes.caption_pairs(num, num_validation), data_dir, "builtin-s2d", "minilm", max_length=16,
+            batch_size=256, source="shapes")
     return data_dir
 
 
