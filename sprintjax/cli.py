@@ -168,8 +168,10 @@ def cmd_eval(a):
 
     if not (a.teacher or a.student):
         raise SprintjaxError("give --teacher and/or --student (params checkpoints or diffusers folders)")
-    steps = {"teacher": [int(s) for s in a.teacher_steps.split(",")] if a.teacher else [],
-             "student": [int(s) for s in a.student_steps.split(",")] if a.student else []}
+    ints = lambda text, given: [int(s) for s in text.split(",") if s] if given else []  # noqa: E731
+    steps = {"teacher": ints(a.teacher_steps, a.teacher),
+             "teacher_trigflow": ints(a.teacher_trigflow_steps, a.teacher),
+             "student": ints(a.student_steps, a.student)}
     evaluate.run_benchmark(a.data, Path(a.out), {"teacher": a.teacher, "student": a.student}, steps, a.num, a.seed)
     print((Path(a.out) / "results.md").read_text())
     print(f"wrote {a.out}/results.json, results.md, grid.png")
@@ -275,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="prepared shapes records (train + validation)")
     s.add_argument("--teacher", help="teacher params checkpoint")
     s.add_argument("--teacher-steps", default="20,1", help="comma-separated Euler step counts (CFG 4.5)")
+    s.add_argument("--teacher-trigflow-steps", default="",
+                   help="comma-separated Euler step counts on the teacher's TrigFlow PF-ODE (Prop. 3.1; Table 1)")
     s.add_argument("--student", help="student params checkpoint")
     s.add_argument("--student-steps", default="1,2,4", help="comma-separated few-step sampler step counts")
     s.add_argument("--num", type=int, default=500, help="validation prompts")

@@ -37,8 +37,13 @@ def prompts(data_dir, n: int):
     return caption, mask, scenes
 
 
-def teacher_sampler(model: SanaTransformer, params, null_caption, steps: int, guidance: float = GUIDANCE):
-    """Euler on the flow ODE with CFG: v = v_u + w (v_c - v_u), both branches in one batched call."""
+def teacher_sampler(model: SanaTransformer, params, null_caption, steps: int, guidance: float = GUIDANCE,
+                    solver: str = "flow"):
+    """Euler with CFG, v = v_u + w (v_c - v_u) (both branches in one batched call), on the flow ODE in t_FM
+    (`solver="flow"`) or on the TrigFlow PF-ODE of the same model through Prop. 3.1 (`"trigflow"`, Table 1)."""
+    if solver not in ("flow", "trigflow"):
+        raise ValueError(f"solver must be 'flow' or 'trigflow', got {solver!r}")
+
     @jax.jit
     def run(noise, caption, mask):
         b = caption.shape[0]
@@ -49,7 +54,9 @@ def teacher_sampler(model: SanaTransformer, params, null_caption, steps: int, gu
                               jnp.concatenate([null, caption]), jnp.concatenate([mask, mask]))
             return out[:b] + guidance * (out[b:] - out[:b])
 
-        return trigflow.euler_flow(v, noise[0], steps)
+        if solver == "flow":
+            return trigflow.euler_flow(v, noise[0], steps)
+        return trigflow.euler_trigflow(trigflow.flow_to_trigflow(v), noise[0], steps)
     return run, 2 * steps
 
 
@@ -99,7 +106,8 @@ def noise_for(n: int, max_steps: int, seed: int = 0) -> np.ndarray:
 
 
 def write_results(out_dir: Path, results: dict, grids: dict[str, np.ndarray], cols: int = 8) -> None:
-    """results.json, results.md (a Markdown table) and one PNG grid (a row per method, same prompts)."""
+    """results.json, results.md (a Markdown table) and, given images, one PNG grid (a row per method, same
+    prompts)."""
     from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,29 +117,32 @@ def write_results(out_dir: Path, results: dict, grids: dict[str, np.ndarray], co
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
     atomic_write_bytes(out_dir / "results.md", ("\n".join(lines) + "\n").encode())
+    if not grids:
+        return
     rows = [shapes.tile(imgs[:cols], cols) for imgs in grids.values()]
     canvas = np.concatenate(rows, axis=0).repeat(4, 0).repeat(4, 1)
     Image.fromarray(canvas).save(out_dir / "grid.png")
 
 
 def run_benchmark(data_dir, out_dir: Path, models: dict, steps: dict, num: int = 500, seed: int = 0) -> dict:
-    """Evaluates {"teacher": path, "student": path} at the given step counts; writes the results folder."""
+    """Evaluates {"teacher": path, "student": path} at the step counts of `steps` (keys "teacher" (Flow-Euler),
+    "teacher_trigflow" (TrigFlow-Euler of the same teacher) and "student"); writes the results folder."""
     from sprintjax.convert import load_model
 
     caption, mask, scenes = prompts(data_dir, num)
     feat = features.load()
     ref = reference_features(scenes, feat)
-    noise = noise_for(len(caption), max(steps["teacher"] + steps["student"]), seed)
+    noise = noise_for(len(caption), max(k for ks in steps.values() for k in ks), seed)
     null = pipeline.load_null_caption(data_dir)[0]
     results, grids = {}, {}
-    for kind in ("teacher", "student"):
-        if not steps[kind] or not models.get(kind):
+    for kind in ("teacher", "teacher_trigflow", "student"):
+        if not steps.get(kind) or not models.get(kind.split("_")[0]):
             continue
-        params, cfg = load_model(models[kind])
+        params, cfg = load_model(models[kind.split("_")[0]])
         model = SanaTransformer(cfg)
         for k in steps[kind]:
-            run, nfe = (teacher_sampler(model, params, null, k) if kind == "teacher"
-                        else student_sampler(model, params, k))
+            run, nfe = (student_sampler(model, params, k) if kind == "student"
+                        else teacher_sampler(model, params, null, k, solver="trigflow" if "trig" in kind else "flow"))
             print(f"evaluating {kind}_{k} on {len(caption)} prompts ...", flush=True)
             results[f"{kind}_{k}"], grids[f"{kind}_{k}"] = evaluate(run, nfe, caption, mask, scenes, noise[:k], ref,
                                                                    feat)

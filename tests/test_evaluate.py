@@ -42,3 +42,24 @@ def test_eval_reports_every_method_with_the_same_prompts(setup, capsys):
     assert "| teacher_4 |" in (out / "results.md").read_text()
     assert (out / "grid.png").is_file()
     assert main(["eval", "--data", str(setup / "data"), "--out", str(out)]) == 2
+
+
+def test_flow_euler_and_trigflow_euler_of_the_teacher_agree_with_many_steps(setup):
+    """Table 1's premise: both solvers integrate the same ODE (Prop. 3.1), so they meet as steps grow."""
+    import numpy as np
+
+    from sprintjax import evaluate
+    from sprintjax.convert import load_model
+    from sprintjax.data import pipeline
+
+    params, cfg = load_model(setup / "teacher")
+    model = SanaTransformer(cfg)
+    caption, mask, _ = evaluate.prompts(setup / "data", 4)
+    null = pipeline.load_null_caption(setup / "data")[0]
+    noise = evaluate.noise_for(4, 1)
+    gap = []
+    for n in (4, 32):
+        flow = evaluate.teacher_sampler(model, params, null, n)[0](noise, caption, mask)
+        trig = evaluate.teacher_sampler(model, params, null, n, solver="trigflow")[0](noise, caption, mask)
+        gap.append(float(np.max(np.abs(np.asarray(flow) - np.asarray(trig)))))
+    assert gap[1] < gap[0] / 4, gap
