@@ -148,8 +148,9 @@ class Checkpoints:
 def trained_params(workdir: str | Path, part: str = "student", step: int | None = None):
     """(params, model config, step) from a training workdir's checkpoint (the latest sealed one by default).
 
-    part: "student" (a distillation run: the student's SANA params, without the logvar head) or "params" (a
-    teacher-stage run: its EMA weights if it kept them). The model config comes from the run's config.json.
+    part: "student" (a distillation run: the student's SANA params, without the logvar head), "ema" (its EMA)
+    or "params" (a teacher-stage run: its EMA weights if it kept them). The model config comes from the run's
+    config.json.
     """
     import ml_collections
 
@@ -171,10 +172,12 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
     ckpt = ocp.StandardCheckpointer()
     tree = ckpt.restore((step_dir / "state").absolute())
     ckpt.close()
-    if part == "student":
+    if part in ("student", "ema"):
         if "student" not in tree:
             raise CheckpointError(f"{workdir} is not a distillation run (no student in its state)")
-        return tree["student"]["net"], rc.model.replace(guidance_embeds=True), step
+        if part == "ema" and not tree.get("ema"):
+            raise CheckpointError(f"{workdir} kept no EMA of the student (distill.ema_decay unset)")
+        return tree[part]["net"], rc.model.replace(guidance_embeds=True), step
     if "params" not in tree:
         raise CheckpointError(f"{workdir} is not a teacher-stage run (no params in its state)")
     return tree.get("ema") or tree["params"], rc.model, step  # the EMA weights when the run kept them

@@ -41,11 +41,21 @@ def cmd_import_diffusers(a):
 
 
 def cmd_export_diffusers(a):
-    from sprintjax.convert import export_diffusers
+    from sprintjax.convert import params_to_diffusers
+    from sprintjax.convert.pipeline import read_source, write_pipeline
 
-    print(f"reading sprintjax params checkpoint {a.src} ...", flush=True)
-    export_diffusers(a.src, a.dst, force=a.force)
-    print(f"wrote diffusers folder {a.dst} (SanaTransformer2DModel.from_pretrained loads it)")
+    source = read_source(a.src, a.part, a.step)
+    print(f"read {source.description}", flush=True)
+    if a.transformer_only:
+        params_to_diffusers(a.dst, source.params, source.cfg.replace(dtype="float32", remat="none"), force=a.force)
+        print(f"wrote diffusers transformer folder {a.dst} (SanaTransformer2DModel.from_pretrained loads it)")
+        return
+    missing = write_pipeline(a.dst, source, a.vae, a.text_encoder, a.tokenizer, a.guidance, force=a.force)
+    print(f"wrote diffusers pipeline folder {a.dst} (SanaSprintPipeline.from_pretrained loads it)")
+    if missing:
+        print(f"  without {', '.join(missing)} (none given): pass them to from_pretrained, e.g. "
+              f"SanaSprintPipeline.from_pretrained(DST, {missing[0]}=...), or re-export with "
+              + " ".join(f"--{m.replace('_', '-')} DIR" for m in missing))
 
 
 def cmd_sample(a):
@@ -215,9 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing DST")
     s.set_defaults(fn=cmd_import_diffusers)
 
-    s = sub.add_parser("export-diffusers", help="Orbax params checkpoint -> diffusers transformer folder")
-    s.add_argument("src", help="sprintjax params checkpoint folder")
-    s.add_argument("dst", help="output diffusers folder")
+    s = sub.add_parser("export-diffusers", help="training checkpoint or params checkpoint -> diffusers "
+                                                 "SanaSprintPipeline folder")
+    s.add_argument("src", help="training workdir, sprintjax params checkpoint, or diffusers folder")
+    s.add_argument("dst", help="output folder")
+    s.add_argument("--step", type=int, help="checkpoint step of a training workdir (default: the latest)")
+    s.add_argument("--part", default="auto", choices=["auto", "student", "ema", "teacher"],
+                   help="auto: the EMA if the run kept one, else the trained model; teacher: a distillation "
+                        "run's frozen teacher")
+    s.add_argument("--vae", help="local AutoencoderDC folder to copy in")
+    s.add_argument("--text-encoder", help="local Gemma-2 folder to copy in (its tokenizer too, if saved with it)")
+    s.add_argument("--tokenizer", help="local tokenizer folder (default: the text encoder's)")
+    s.add_argument("--guidance", type=float, default=4.5, help="guidance scale recorded in the model card")
+    s.add_argument("--transformer-only", action="store_true", help="write a bare transformer folder instead")
     s.add_argument("--force", action="store_true", help="overwrite an existing DST")
     s.set_defaults(fn=cmd_export_diffusers)
 

@@ -61,11 +61,10 @@ def _teacher_params(rc: RunConfig, mesh, key):
     shardings = tree_shardings(model.param_shapes(), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
     if not rc.train.teacher_checkpoint:
         return jax.jit(model.init, out_shardings=shardings)(key), shardings
+    from sprintjax.convert import diffusers_to_params, is_diffusers_folder
     from sprintjax.convert.params_ckpt import read_model_config
 
-    if (Path(rc.train.teacher_checkpoint) / "config.json").is_file():  # a diffusers transformer folder
-        from sprintjax.convert import diffusers_to_params
-
+    if is_diffusers_folder(rc.train.teacher_checkpoint):  # a diffusers transformer or pipeline folder
         params, src_cfg = diffusers_to_params(rc.train.teacher_checkpoint)
         src_cfg = src_cfg.replace(dtype=rc.model.dtype, remat=rc.model.remat)
         if src_cfg != rc.model:

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -57,3 +61,29 @@ def inputs(cfg, hw, batch=2, length=5, seed=0, guidance=None):
 
 def rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+# ---------------------------------------------------------------- real `sprintjax train` runs (tiny config)
+ROOT = Path(__file__).resolve().parents[1]
+SPRINTJAX = str(Path(sys.executable).parent / "sprintjax")
+STEPS = 16
+# A low learning rate keeps the GAN dynamics from amplifying float32 rounding between device layouts.
+COMMON = [f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=4", "--config.train.log_every=4",
+          "--config.distill.lr_g=1e-5", "--config.distill.lr_d=1e-5"]
+
+
+def run(workdir, *extra, config="configs/tiny.py", devices=1, check=True, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [SPRINTJAX, "train", "--config", config, "--workdir", str(workdir), *COMMON, *extra]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted run on one device: the baseline every other run is compared with."""
+    wd = tmp_path_factory.mktemp("ref") / "run"
+    out = run(wd)
+    return wd, out

@@ -13,22 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SPRINTJAX = str(Path(sys.executable).parent / "sprintjax")
-STEPS = 16
-# A low learning rate keeps the GAN dynamics from amplifying float32 rounding between device layouts.
-COMMON = [f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=4", "--config.train.log_every=4",
-          "--config.distill.lr_g=1e-5", "--config.distill.lr_d=1e-5"]
-
-
-def run(workdir, *extra, config="configs/tiny.py", devices=1, check=True, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [SPRINTJAX, "train", "--config", config, "--workdir", str(workdir), *COMMON, *extra]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and out.returncode:
-        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return out
+from conftest import COMMON, ROOT, SPRINTJAX, STEPS, run
 
 
 def metrics(workdir):
@@ -51,14 +36,6 @@ def final_state(workdir):
     tree = ckpt.restore(Path(workdir).absolute() / "checkpoints" / str(STEPS) / "state")
     ckpt.close()
     return tree
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run on one device: the baseline every other run is compared with."""
-    wd = tmp_path_factory.mktemp("ref") / "run"
-    out = run(wd)
-    return wd, out
 
 
 def test_reference_run_writes_everything_a_user_expects(reference):

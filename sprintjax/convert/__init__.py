@@ -23,9 +23,16 @@ def params_to_diffusers(dst: str | Path, params: dict, cfg: ModelConfig, force: 
     write_diffusers(dst, cfg, state, force=force)
 
 
+def is_diffusers_folder(path: str | Path) -> bool:
+    """A diffusers transformer folder or pipeline folder (not a sprintjax params checkpoint)."""
+    path = Path(path)
+    return ((path / "config.json").is_file() and not (path / "model_config.json").is_file()) \
+        or (path / "model_index.json").is_file()
+
+
 def load_model(path: str | Path) -> tuple[dict, ModelConfig]:
-    """Params and config from a sprintjax params checkpoint or a diffusers transformer folder."""
-    if (Path(path) / "config.json").is_file() and not (Path(path) / "model_config.json").is_file():
+    """Params and config from a sprintjax params checkpoint or a diffusers transformer or pipeline folder."""
+    if is_diffusers_folder(path):
         return diffusers_to_params(path)
     return load_params(path)
 
@@ -45,6 +52,6 @@ def export_diffusers(src: str | Path, dst: str | Path, force: bool = False) -> M
 
 
 __all__ = [
-    "diffusers_to_params", "export_diffusers", "import_diffusers", "load_model", "load_params", "params_to_diffusers",
-    "save_params",
+    "diffusers_to_params", "export_diffusers", "import_diffusers", "is_diffusers_folder", "load_model", "load_params",
+    "params_to_diffusers", "save_params",
 ]

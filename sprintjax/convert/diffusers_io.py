@@ -69,9 +69,12 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
 
 
 def read_diffusers(src: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """A transformer folder, or a pipeline folder (model_index.json) through its transformer/."""
     folder = Path(src)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder")
+    if (folder / "model_index.json").is_file() and (folder / "transformer").is_dir():
+        folder = folder / "transformer"
     return read_config(folder), read_state_dict(folder)
 
 

@@ -1,0 +1,154 @@
+"""Any sprintjax checkpoint to a folder diffusers' `SanaSprintPipeline.from_pretrained` loads.
+
+Sources: a training workdir (distillation or teacher stage; the latest sealed step or a chosen one), a bare
+params checkpoint, or a diffusers transformer / pipeline folder. The output holds `transformer/`, `scheduler/`
+(SCMScheduler: trigflow, sigma_data 0.5, facts §8), `model_index.json`, a model-card `README.md`, and the VAE,
+text encoder and tokenizer copied from local folders the user names (none is downloaded). Without them those
+components are null in `model_index.json` and `from_pretrained` wants them passed (`vae=...`, or None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from sprintjax.errors import CheckpointError
+from sprintjax.fileio import atomic_dir
+from sprintjax.model_config import ModelConfig
+
+PARTS = ("auto", "student", "ema", "teacher")
+SCHEDULER = {"_class_name": "SCMScheduler", "num_train_timesteps": 1000, "prediction_type": "trigflow",
+             "sigma_data": 0.5}
+COMPONENTS = {  # model_index.json entry of each component the SanaSprintPipeline takes
+    "transformer": ["diffusers", "SanaTransformer2DModel"], "scheduler": ["diffusers", "SCMScheduler"],
+    "vae": ["diffusers", "AutoencoderDC"], "text_encoder": ["transformers", "Gemma2Model"],
+    "tokenizer": ["transformers", "GemmaTokenizerFast"],
+}
+
+
+@dataclasses.dataclass
+class Source:
+    params: dict
+    cfg: ModelConfig
+    description: str  # what was read, for the model card and the log
+    run: dict | None = None  # the training run's resolved config (a workdir source), else None
+    step: int | None = None
+
+
+def is_workdir(path: Path) -> bool:
+    return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
+
+
+def read_source(src: str | Path, part: str = "auto", step: int | None = None) -> Source:
+    """The params to export. part: auto (the EMA if the run kept one, else the trained model), student, ema, or
+    teacher (a distillation run's frozen teacher, read from its train.teacher_checkpoint)."""
+    from sprintjax.checkpoints import trained_params
+    from sprintjax.convert import load_model
+
+    src = Path(src)
+    if part not in PARTS:
+        raise CheckpointError(f"--part must be one of {PARTS}, got {part!r}")
+    if not src.exists():
+        raise CheckpointError(f"{src} does not exist")
+    if not is_workdir(src):
+        if step is not None or part not in ("auto", "student", "teacher"):
+            raise CheckpointError(f"{src} is not a training workdir (no checkpoints/ and config.json): --step and "
+                                  f"--part {part} apply only to training workdirs")
+        params, cfg = load_model(src)
+        return Source(params, cfg, f"params checkpoint {src.name}")
+    run = json.loads((src / "config.json").read_text())
+    stage = run.get("train", {}).get("stage", "distill")
+    if part == "teacher" and stage == "distill":
+        teacher = run["train"].get("teacher_checkpoint")
+        if not teacher:
+            raise CheckpointError(f"{src} was distilled from a randomly initialised teacher: nothing to export")
+        params, cfg = load_model(teacher)
+        return Source(params, cfg, f"the frozen teacher of {src.name} ({Path(teacher).name})", run)
+    if stage == "distill":
+        if part == "auto":
+            part = "ema" if (run.get("distill") or {}).get("ema_decay") else "student"
+        params, cfg, got = trained_params(src, part, step)
+        return Source(params, cfg, f"{part} of distillation run {src.name}, step {got}", run, got)
+    if part == "ema" and not run["train"].get("ema_decay"):
+        raise CheckpointError(f"teacher-stage run {src} kept no EMA (train.ema_decay = 0)")
+    if part == "student":
+        raise CheckpointError(f"{src} is a teacher-stage run: it has no student (use --part teacher or auto)")
+    params, cfg, got = trained_params(src, "params", step)
+    return Source(params, cfg, f"teacher-stage run {src.name}, step {got}", run, got)
+
+
+def _copy_component(src: str | Path, dst: Path, name: str) -> list:
+    """Copies a saved component folder; returns its model_index.json entry (library, class) read from it."""
+    src = Path(src)
+    config = src / ("tokenizer_config.json" if name == "tokenizer" else "config.json")
+    if not config.is_file():
+        raise CheckpointError(f"--{name.replace('_', '-')} {src} is not a saved {name} folder (no {config.name})")
+    pickles = sorted(p.name for p in src.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise CheckpointError(f"{src} holds pickle files {pickles[:3]}: only safetensors folders are copied")
+    meta = json.loads(config.read_text())
+    cls = meta.get("_class_name") or meta.get("tokenizer_class") or (meta.get("architectures") or [None])[0]
+    shutil.copytree(src, dst / name)
+    return [COMPONENTS[name][0], cls or COMPONENTS[name][1]]
+
+
+def model_card(source: Source, components: dict, guidance: float) -> str:
+    cfg, run = source.cfg, source.run or {}
+    lines = ["# SANA-Sprint transformer exported by sprintjax", "",
+             f"Source: {source.description}.", "",
+             "| | |", "|---|---|",
+             f"| model | {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.in_channels} latent channels, "
+             f"patch {cfg.patch_size}, QK-norm {cfg.qk_norm}, guidance embedder {cfg.guidance_embeds} |",
+             f"| weights | float32 safetensors (trained with compute dtype {cfg.dtype}) |",
+             "| schedule | TrigFlow (SCMScheduler, sigma_data 0.5): max_timesteps 1.5708, intermediate 1.3 for 2 "
+             "steps |",
+             f"| guidance | scale {guidance} (x guidance_embeds_scale {cfg.guidance_embeds_scale} into the "
+             "embedder; no CFG at inference) |" if cfg.guidance_embeds else
+             "| guidance | none embedded: a flow-matching teacher, sample it with CFG |"]
+    if source.step is not None:
+        lines.append(f"| training | stage {run.get('train', {}).get('stage', 'distill')}, step {source.step} of "
+                     f"{run.get('train', {}).get('num_steps')}, seed {run.get('train', {}).get('seed')} |")
+    d = run.get("distill") or {}
+    if d and run.get("train", {}).get("stage", "distill") == "distill":
+        lines.append(f"| distillation | sCM {d.get('use_scm')}, LADD {d.get('use_ladd')}, lr G {d.get('lr_g')} / "
+                     f"D {d.get('lr_d')}, optimizer {d.get('optimizer')}, JVP in {d.get('jvp_dtype')} |")
+    missing = [k for k in ("vae", "text_encoder", "tokenizer") if k not in components]
+    lines += ["", "```python", "from diffusers import SanaSprintPipeline",
+              "pipe = SanaSprintPipeline.from_pretrained(FOLDER" +
+              "".join(f", {k}=YOUR_{k.upper()}" for k in missing) + ")", "```"]
+    if missing:
+        lines += ["", f"Not included (pass your own): {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_pipeline(dst: str | Path, source: Source, vae=None, text_encoder=None, tokenizer=None,
+                   guidance: float = 4.5, force: bool = False) -> list[str]:
+    """Writes the pipeline folder atomically; returns the components it could not include."""
+    import diffusers
+
+    from sprintjax.convert.diffusers_io import write_diffusers
+    from sprintjax.convert.table import params_to_state_dict
+    from sprintjax.model import SanaTransformer
+
+    cfg = source.cfg.replace(dtype="float32", remat="none")
+    state = params_to_state_dict(source.params, cfg, SanaTransformer(cfg).param_shapes())  # checked first
+    if text_encoder and tokenizer is None and (Path(text_encoder) / "tokenizer_config.json").is_file():
+        tokenizer = text_encoder  # a folder saved with both, as SANA's Gemma folders are
+    given = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    with atomic_dir(dst, force=force) as tmp:
+        write_diffusers(tmp / "transformer", cfg, state)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {**SCHEDULER, "_diffusers_version": diffusers.__version__}, indent=2) + "\n")
+        index = {"_class_name": "SanaSprintPipeline", "_diffusers_version": diffusers.__version__}
+        components = {"transformer": COMPONENTS["transformer"], "scheduler": COMPONENTS["scheduler"]}
+        for name, folder in given.items():
+            if folder:
+                components[name] = _copy_component(folder, tmp, name)
+        for name in COMPONENTS:
+            index[name] = components.get(name, [None, None])
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(source, components, guidance))
+    return [k for k in given if k not in components]

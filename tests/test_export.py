@@ -1,0 +1,105 @@
+"""Training checkpoints to a diffusers SanaSprintPipeline folder: loads cleanly, samples like sprintjax."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import STEPS, rel_err
+
+from sprintjax.cli import main
+
+H = W = 16  # latent size; the tiny VAE halves pixels, so 32x32 images (the pipeline wants multiples of 32)
+
+
+@pytest.fixture(scope="module")
+def exported(reference, tmp_path_factory):
+    from sprintjax import torch_ref
+
+    root = tmp_path_factory.mktemp("export")
+    vae, text_encoder = torch_ref.tiny_encoders(root / "encoders", latent_channels=4, hidden=16)
+    wd = reference[0]
+    assert main(["export-diffusers", str(wd), str(root / "pipe"), "--vae", str(vae), "--text-encoder",
+                 str(text_encoder)]) == 0
+    return wd, root
+
+
+def test_pipeline_folder_loads_with_every_component_and_no_stray_keys(exported):
+    from diffusers import SanaSprintPipeline, SanaTransformer2DModel
+
+    _, root = exported
+    index = json.loads((root / "pipe" / "model_index.json").read_text())
+    assert index["_class_name"] == "SanaSprintPipeline" and index["scheduler"] == ["diffusers", "SCMScheduler"]
+    _, info = SanaTransformer2DModel.from_pretrained(root / "pipe" / "transformer", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    pipe = SanaSprintPipeline.from_pretrained(root / "pipe")
+    assert pipe.transformer.config.guidance_embeds and pipe.scheduler.config.prediction_type == "trigflow"
+    assert pipe.scheduler.config.sigma_data == 0.5
+    card = (root / "pipe" / "README.md").read_text()
+    assert f"step {STEPS} of {STEPS}" in card and "sCM True, LADD True" in card
+    images = pipe(prompt=["a red circle", "two blue squares"], num_inference_steps=2, height=2 * H, width=2 * W,
+                  use_resolution_binning=False, max_sequence_length=8, output_type="np").images
+    assert images.shape == (2, 2 * H, 2 * W, 3) and np.isfinite(images).all()
+
+
+def test_diffusers_sampling_matches_sprintjax_at_1_2_and_4_steps(exported):
+    import torch
+    from diffusers import SanaSprintPipeline
+
+    from sprintjax import torch_ref, trigflow
+    from sprintjax.convert import load_model
+    from sprintjax.model import SanaTransformer
+    from sprintjax.sampling import sample_latents
+
+    wd, root = exported
+    pipe = SanaSprintPipeline.from_pretrained(root / "pipe")
+    params, cfg = load_model(root / "pipe")
+    rng = np.random.default_rng(0)
+    caption = rng.standard_normal((2, 8, cfg.caption_channels)).astype(np.float32)
+    mask = np.ones((2, 8), np.float32)
+    mask[1, 5:] = 0
+    noise = rng.standard_normal((4, 2, cfg.in_channels, H, W)).astype(np.float32)
+    for steps in (1, 2, 4):
+        ours = np.asarray(sample_latents(SanaTransformer(cfg), params, caption, mask, noise[:steps],
+                                         trigflow.schedule(steps)))
+        theirs = torch_ref.diffusers_sample(pipe.transformer, caption, mask, noise[:steps], steps)
+        assert rel_err(ours, theirs) < 1e-4, (steps, rel_err(ours, theirs))
+    # the pipeline itself (its own loop and SCMScheduler.step) at one step, where no fresh noise enters
+    with torch.no_grad():
+        out = pipe(prompt_embeds=torch.from_numpy(caption), prompt_attention_mask=torch.from_numpy(mask),
+                   latents=torch.from_numpy(noise[0]), num_inference_steps=1, intermediate_timesteps=None,
+                   height=2 * H, width=2 * W, use_resolution_binning=False, output_type="latent").images
+    ours = np.asarray(sample_latents(SanaTransformer(cfg), params, caption, mask, noise[:1], trigflow.schedule(1)))
+    assert rel_err(ours, out.numpy()) < 1e-4
+
+
+def test_export_choices_and_refusals(exported, tmp_path, capsys):
+    from diffusers import SanaSprintPipeline
+
+    from sprintjax.checkpoints import trained_params
+    from sprintjax.convert import load_model
+
+    wd, root = exported
+    assert main(["export-diffusers", str(wd), str(tmp_path / "p12"), "--step", "12"]) == 0
+    assert "without vae, text_encoder, tokenizer" in capsys.readouterr().out
+    params, _ = load_model(tmp_path / "p12")
+    want, _, _ = trained_params(wd, "student", 12)
+    assert np.array_equal(params["proj_out"]["kernel"], want["proj_out"]["kernel"])
+    with pytest.raises(ValueError, match="expected"):  # diffusers wants the absent components passed ...
+        SanaSprintPipeline.from_pretrained(tmp_path / "p12")
+    pipe = SanaSprintPipeline.from_pretrained(tmp_path / "p12", vae=None, text_encoder=None, tokenizer=None)
+    assert pipe.vae is None and pipe.transformer.config.guidance_embeds  # ... as the model card says
+    assert main(["export-diffusers", str(wd), str(tmp_path / "p12")]) == 2  # exists: needs --force
+    assert "--force" in capsys.readouterr().err
+    assert main(["export-diffusers", str(wd), str(tmp_path / "x"), "--step", "5"]) == 2
+    assert "no checkpoint at step 5" in capsys.readouterr().err
+    assert main(["export-diffusers", str(wd), str(tmp_path / "x"), "--part", "ema"]) == 2
+    assert "kept no EMA" in capsys.readouterr().err
+    assert main(["export-diffusers", str(wd), str(tmp_path / "x"), "--part", "teacher"]) == 2
+    assert "randomly initialised teacher" in capsys.readouterr().err
+    assert main(["export-diffusers", str(root / "encoders" / "vae"), str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    # a bare params checkpoint and a transformer-only export round trip
+    assert main(["import-diffusers", str(tmp_path / "p12"), str(tmp_path / "ckpt")]) == 0
+    assert main(["export-diffusers", str(tmp_path / "ckpt"), str(tmp_path / "t"), "--transformer-only"]) == 0
+    back, _ = load_model(tmp_path / "t")
+    assert np.array_equal(back["proj_out"]["kernel"], want["proj_out"]["kernel"])
