@@ -58,6 +58,20 @@ def cmd_export_diffusers(a):
               + " ".join(f"--{m.replace('_', '-')} DIR" for m in missing))
 
 
+def cmd_export_mobile(a):
+    from sprintjax.convert.mobile import export_mobile, format_report
+    from sprintjax.convert.pipeline import read_source
+
+    source = read_source(a.src, a.part, a.step)
+    print(f"read {source.description}", flush=True)
+    csv = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    report = export_mobile(source.params, source.cfg, a.out, [int(k) for k in csv(a.steps)], a.batch, a.height,
+                           a.width, a.caption_len, a.guidance, csv(a.weights), csv(a.formats),
+                           verify=not a.no_verify, force=a.force, log=lambda m: print(m, flush=True))
+    print(format_report(report))
+    print(f"wrote {a.out} (export.json lists the inputs, outputs and figures)")
+
+
 def cmd_sample(a):
     from sprintjax.convert import load_params
     from sprintjax.model import SanaTransformer
@@ -240,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--transformer-only", action="store_true", help="write a bare transformer folder instead")
     s.add_argument("--force", action="store_true", help="overwrite an existing DST")
     s.set_defaults(fn=cmd_export_diffusers)
+
+    s = sub.add_parser("export-mobile", help="few-step generator -> ExecuTorch .pte (XNNPACK) and ONNX, "
+                                              "checked against sprintjax in each runtime")
+    s.add_argument("src", help="training workdir, sprintjax params checkpoint, or diffusers folder")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--step", type=int, help="checkpoint step of a training workdir (default: the latest)")
+    s.add_argument("--part", default="auto", choices=["auto", "student", "ema", "teacher"])
+    s.add_argument("--steps", default="1", help="comma-separated sampling step counts (one graph each)")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--height", type=int, help="latent height (default: the model's sample_size)")
+    s.add_argument("--width", type=int, help="latent width (default: the model's sample_size)")
+    s.add_argument("--caption-len", type=int, default=300, help="caption tokens (SANA: 300)")
+    s.add_argument("--guidance", type=float, default=4.5, help="guidance scale baked into the graph")
+    s.add_argument("--weights", default="float32,float16,int8", help="comma-separated: float32, float16, int8")
+    s.add_argument("--formats", default="pte,onnx", help="comma-separated: pte, onnx")
+    s.add_argument("--no-verify", action="store_true", help="skip running each artifact against sprintjax")
+    s.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    s.set_defaults(fn=cmd_export_mobile)
 
     s = sub.add_parser("sample", help="few-step TrigFlow sampling of a checkpoint; writes latents as .npy")
     s.add_argument("ckpt", help="sprintjax params checkpoint folder (student or teacher)")

@@ -103,3 +103,20 @@ def test_export_choices_and_refusals(exported, tmp_path, capsys):
     assert main(["export-diffusers", str(tmp_path / "ckpt"), str(tmp_path / "t"), "--transformer-only"]) == 0
     back, _ = load_model(tmp_path / "t")
     assert np.array_equal(back["proj_out"]["kernel"], want["proj_out"]["kernel"])
+
+
+def test_export_mobile_runs_in_executorch_and_onnxruntime_like_sprintjax(exported, tmp_path, capsys):
+    wd, _ = exported
+    out = tmp_path / "mobile"
+    assert main(["export-mobile", str(wd), str(out), "--steps", "2", "--batch", "2", "--caption-len", "6",
+                 "--weights", "float32,int8"]) == 0
+    assert "| sana_sprint_2step_int8.pte |" in capsys.readouterr().out
+    arts = json.loads((out / "export.json").read_text())["artifacts"]
+    assert sorted(arts) == sorted(f"sana_sprint_2step_{w}.{f}" for w in ("float32", "int8") for f in ("pte", "onnx"))
+    assert arts["sana_sprint_2step_float32.onnx"]["rel_err_vs_sprintjax"] < 1e-5
+    assert arts["sana_sprint_2step_float32.pte"]["rel_err_vs_sprintjax"] < 1e-3  # XNNPACK's own float32 kernels
+    for fmt in ("pte", "onnx"):  # int8 weights: a bounded deviation, not a broken graph
+        assert 1e-5 < arts[f"sana_sprint_2step_int8.{fmt}"]["rel_err_vs_sprintjax"] < 5e-2
+    assert main(["export-mobile", str(wd), str(out)]) == 2  # exists
+    assert main(["export-mobile", str(wd), str(tmp_path / "x"), "--weights", "int4"]) == 2
+    assert "unknown weights" in capsys.readouterr().err and not (tmp_path / "x").exists()
