@@ -41,6 +41,8 @@ class TrainConfig:
     keep_every: int = 0  # ... and every K-th step (0: none)
     sample_every: int = 0  # PNG + TensorBoard sample grids (0: off)
     num_samples: int = 4
+    diag_every: int = 0  # JVP diagnostics per time bin on a fixed batch (distillation; 0: off)
+    diag_bins: int = 8  # time bins of the diagnostics (must divide the global batch)
     profile_at: int = -1  # start a profiler window at this step (-1: never)
     profile_steps: int = 5
     max_nonfinite: int = 20  # stop after this many consecutive non-finite losses

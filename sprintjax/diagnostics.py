@@ -78,8 +78,9 @@ def per_sample(student: SanaTransformer, params, teacher: SanaTransformer, teach
 
 
 def bin_stats(student, params, teacher, teacher_params, null_caption, batch, rng, cfg: DistillConfig,
-              n_bins: int = 8, r=1.0, compare_bf16: bool = False) -> dict:
-    """Per-bin statistics ([n_bins] each) on a batch of n_bins * k samples placed on `time_grid`."""
+              n_bins: int = 8, r=1.0, compare_bf16: bool = False, with_samples: bool = False):
+    """Per-bin statistics ([n_bins] each) on a batch of n_bins * k samples placed on `time_grid`; with_samples
+    also returns the per-sample norms ({time_norm, space_norm, g_norm}: [B]) for histograms."""
     b = batch["latents"].shape[0]
     if b % n_bins:
         raise ValueError(f"batch {b} does not divide into {n_bins} time bins")
@@ -105,6 +106,8 @@ def bin_stats(student, params, teacher, teacher_params, null_caption, batch, rng
                          jvp_dtype="bfloat16")
         err = _norm(low["dF"] - ps["dF"]) / jnp.maximum(_norm(ps["dF"]), 1e-30)
         out["bf16_rel_err"] = mean(err)
+    if with_samples:
+        return out, {k: ps[k] for k in ("time_norm", "space_norm", "g_norm")}
     return out
 
 

@@ -82,6 +82,16 @@ class MetricsLog:
             raise NonFiniteLoss(f"{self.nonfinite_run} consecutive non-finite losses (last at step {steps[-1]}); "
                                 "stopping. The last checkpoint before them is kept.")
 
+    def diagnostics(self, step: int, scalars: dict, histograms: dict) -> None:
+        """JVP diagnostics: TensorBoard scalars and histograms, and one line of diagnostics.jsonl."""
+        if not self.main:
+            return
+        scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+        self.writer.write_scalars(step, scalars)
+        self.writer.write_histograms(step, {f"diag/{k}": np.asarray(v) for k, v in jax.device_get(histograms).items()})
+        with open(self.jsonl.with_name("diagnostics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+
     def images(self, step: int, name: str, rgb: np.ndarray) -> None:
         if self.main:
             self.writer.write_images(step, {name: rgb})

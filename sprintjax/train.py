@@ -202,6 +202,7 @@ def train(config, workdir: str | Path) -> str:
         examples = [source[i] for i in range(rc.train.num_samples)]
         sampler = _sampler(rc, runner, jnp.asarray(np.stack([e["caption"] for e in examples]), jnp.float32),
                            jnp.asarray(np.stack([e["caption_mask"] for e in examples]), jnp.float32))
+    diag = _diagnostics(rc, runner, peek) if rc.train.diag_every and rc.train.stage == "distill" else None
     preempted = []
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     status = "done"
@@ -216,6 +217,8 @@ def train(config, workdir: str | Path) -> str:
                 jax.profiler.stop_trace()
             if done % rc.train.log_every == 0 or done == rc.train.num_steps:
                 metrics.flush()
+            if diag and done % rc.train.diag_every == 0:
+                metrics.diagnostics(done, *diag(state))
             if sampler and done % rc.train.sample_every == 0:
                 _write_samples(workdir, done, np.asarray(jax.device_get(sampler(state))), metrics)
             meta = {"iteration": done, "seed": rc.train.seed}
@@ -232,6 +235,25 @@ def train(config, workdir: str | Path) -> str:
         ckpts.close()
         metrics.close()
     return status
+
+
+def _diagnostics(rc: RunConfig, runner, batch):
+    """A jitted state -> (scalars, per-sample histograms) of the JVP diagnostics on a fixed batch."""
+    from sprintjax import diagnostics
+
+    if batch["latents"].shape[0] % rc.train.diag_bins:
+        raise ConfigError(f"train.diag_bins {rc.train.diag_bins} must divide the global batch "
+                          f"{batch['latents'].shape[0]}")
+
+    @jax.jit
+    def run(state):
+        r = jnp.minimum(1.0, (state.step + 1) / rc.distill.tangent_warmup_steps)
+        stats, samples = diagnostics.bin_stats(runner.student, state.student, runner.teacher, state.teacher,
+                                               state.null_caption, batch, jax.random.key(rc.train.seed + 11),
+                                               rc.distill, rc.train.diag_bins, r, compare_bf16=True,
+                                               with_samples=True)
+        return diagnostics.summarise(stats), samples
+    return run
 
 
 def _write_samples(workdir: Path, step: int, latents: np.ndarray, metrics: MetricsLog) -> None:

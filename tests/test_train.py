@@ -50,6 +50,10 @@ def test_reference_run_writes_everything_a_user_expects(reference):
     assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [8, 12, 16]  # keep the last 3
     assert "steps/s, ETA" in out.stderr and "training done" in out.stdout
+    diag = [json.loads(line) for line in (wd / "diagnostics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in diag] == [8, 16]
+    assert {"diag/g_norm/bin3", "diag/time_norm/max", "diag/grad_norm/bin0", "diag/bf16_rel_err/max"} <= diag[0].keys()
+    assert all(np.isfinite(v) for d in diag for v in d.values())
 
 
 def test_eight_fake_devices_fsdp_and_two_processes_match_one_device(reference, tmp_path):
