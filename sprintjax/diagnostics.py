@@ -21,6 +21,7 @@ trainer logs `summarise(...)` every `train.diag_every` iterations.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -65,7 +66,7 @@ def per_sample(student: SanaTransformer, params, teacher: SanaTransformer, teach
     x_t = jnp.cos(tb) * x0 + jnp.sin(tb) * z
     w = jax.random.choice(k_w, jnp.asarray(cfg.cfg_scales, jnp.float32), t.shape)
     dxt_dt = scm.teacher_dxt_dt(teacher, teacher_params, null_caption, x_t, t, caption, mask, w, sd)
-    model = SanaTransformer(student.config.replace(dtype=jvp_dtype or cfg.jvp_dtype))
+    model = dataclasses.replace(student, config=student.config.replace(dtype=jvp_dtype or cfg.jvp_dtype))
     F_aux = scm.student_fn(model, params, caption, mask, w)
     F = lambda x, tt: F_aux(x, tt)[0]  # noqa: E731
     cs = jnp.cos(t) * jnp.sin(t)

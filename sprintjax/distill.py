@@ -71,10 +71,12 @@ def apply_if_finite(tx, grads, opt_state, params):
 class Distiller:
     """Static description of a distillation run: models, config, optimisers. Holds no arrays."""
 
-    def __init__(self, teacher_cfg: ModelConfig, cfg: DistillConfig):
+    def __init__(self, teacher_cfg: ModelConfig, cfg: DistillConfig, model_cls=SanaTransformer):
+        """model_cls: the transformer class of teacher and student (a subclass can pose a counterfactual
+        architecture, e.g. notebooks/jvp_stability.ipynb's c_noise = 1000 t time embedding)."""
         self.cfg = cfg
-        self.teacher = SanaTransformer(teacher_cfg)
-        self.student = SanaTransformer(teacher_cfg.replace(guidance_embeds=True))
+        self.teacher = model_cls(teacher_cfg)
+        self.student = model_cls(teacher_cfg.replace(guidance_embeds=True))
         self.blocks = cfg.disc_blocks(teacher_cfg.num_layers)
 
     # ------------------------------------------------------------ init

@@ -6,6 +6,8 @@ Shapes: latents x [B, C, H, W] in TrigFlow scale (VAE latents * sigma_d), t [B] 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -77,7 +79,7 @@ def scm_loss(student, params, x_t, t, dxt_dt, caption, mask, w, r, cfg: DistillC
     r is the tangent-warmup factor min(1, step / warmup). The JVP and the loss run in `cfg.jvp_dtype`.
     """
     sd = cfg.sigma_d
-    jvp_model = SanaTransformer(student.config.replace(dtype=cfg.jvp_dtype))
+    jvp_model = dataclasses.replace(student, config=student.config.replace(dtype=cfg.jvp_dtype))
     x_hat = x_t / sd
     cs = jnp.cos(t) * jnp.sin(t)
     tangents = (_b(cs) * dxt_dt / sd, cs)  # v_x = cos t sin t dx_t/dt / sigma_d, v_t = cos t sin t
