@@ -129,21 +129,27 @@ def _run_config(a, overrides):
     return cfg
 
 
-def cmd_train(a, overrides):
+def _progress_logging() -> None:
+    """Training progress lines (steps/s, ETA, losses) on stderr; libraries stay at their WARNING default."""
     import logging
 
     import absl.flags
 
+    absl.flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+    ours = logging.getLogger("sprintjax")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s sprintjax: %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
+def cmd_train(a, overrides):
     from sprintjax.train import train
 
     cfg = _run_config(a, overrides)
-    absl.flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-    ours = logging.getLogger("sprintjax")  # our progress lines; libraries stay at their WARNING default
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s sprintjax: %(message)s", "%H:%M:%S"))
-    ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
+    _progress_logging()
     _init_distributed(a)
     status = train(cfg, a.workdir)
     print(f"training {status}: {a.workdir}")
@@ -220,6 +226,7 @@ def cmd_train_teacher(a, overrides):
 def cmd_demo(a, overrides):
     from sprintjax.demo import run_demo
 
+    _progress_logging()
     run_demo(Path(a.workdir), Path(a.data), overrides, a.num_eval)
 
 
