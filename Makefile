@@ -17,7 +17,7 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check sprintjax tests configs launch benchmarks
+	$(BIN)/ruff check sprintjax tests configs launch benchmarks notebooks
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/sprintjax demo --workdir runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check sprintjax tests configs launch benchmarks
+	$(BIN)/ruff check sprintjax tests configs launch benchmarks notebooks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
