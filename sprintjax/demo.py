@@ -41,7 +41,9 @@ def run_demo(workdir: Path, data_dir: Path = Path("runs/shapes_data"), overrides
                           [f"--config.data.dir={data_dir}", *overrides])
     print(f"[2/5] distilling {cfg.train.teacher_checkpoint} for {cfg.train.num_steps} iterations -> "
           f"{workdir / 'train'}", flush=True)
-    train(cfg, workdir / "train")
+    if train(cfg, workdir / "train") != "done":
+        print(f"training was preempted; rerun the same command to resume it from {workdir / 'train'}")
+        return {}
     params, scfg, step = trained_params(workdir / "train", "student")
     scfg = scfg.replace(dtype="float32", remat="none")
     print(f"[3/5] student (iteration {step}) -> {workdir / 'student'} and {workdir / 'student_diffusers'}", flush=True)
