@@ -50,30 +50,15 @@ def diffusers_sample(model, caption, caption_mask, noise, steps: int, guidance_s
     import torch
     from diffusers import SCMScheduler
 
+    from sprintjax.convert.mobile import torch_modules
+
     sched = SCMScheduler(sigma_data=sigma_d, prediction_type="trigflow")
     sched.set_timesteps(steps, max_timesteps=1.57080, intermediate_timesteps=t_mid if steps == 2 else None)
-    times = sched.timesteps
-    noise = torch.from_numpy(np.asarray(noise, np.float32))
-    caption = torch.from_numpy(np.asarray(caption, np.float32))
-    mask = None if caption_mask is None else torch.from_numpy(np.asarray(caption_mask, np.float32))
-    b = caption.shape[0]
-    guidance = None
-    if model.config.guidance_embeds:
-        guidance = torch.full((b,), guidance_scale) * model.config.guidance_embeds_scale
-    x = noise[0] * sigma_d
+    guidance = guidance_scale * model.config.guidance_embeds_scale if model.config.guidance_embeds else None
+    loop = torch_modules()[1](model, sched.timesteps.tolist(), guidance, sigma_d)  # the pipeline's loop, unrolled
+    tensor = lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
     with torch.no_grad():
-        for k in range(steps):
-            s, t = times[k], times[k + 1]
-            tf = (torch.sin(s) / (torch.cos(s) + torch.sin(s))).expand(b)
-            tfb = tf.view(-1, 1, 1, 1)
-            x_fm = x / sigma_d * torch.sqrt(tfb**2 + (1 - tfb) ** 2)
-            v = model(x_fm, encoder_hidden_states=caption, encoder_attention_mask=mask, guidance=guidance,
-                      timestep=tf, return_dict=False)[0]
-            F = ((1 - 2 * tfb) * x_fm + (1 - 2 * tfb + 2 * tfb**2) * v) / torch.sqrt(tfb**2 + (1 - tfb) ** 2)
-            x0 = torch.cos(s) * x - torch.sin(s) * F * sigma_d
-            z = noise[k + 1] if k + 1 < steps else torch.zeros_like(x)
-            x = torch.cos(t) * x0 + torch.sin(t) * z * sigma_d
-    return (x0 / sigma_d).numpy()
+        return loop(tensor(noise), tensor(caption), tensor(caption_mask)).numpy()
 
 
 def tiny_encoders(folder, latent_channels: int = 4, hidden: int = 16, seed: int = 0):

@@ -26,7 +26,7 @@ WEIGHTS = ("float32", "float16", "int8")
 FORMATS = ("pte", "onnx")
 
 
-def _torch_modules():
+def torch_modules():
     """The torch classes, built on first use so `import sprintjax` stays free of torch."""
     import torch
     from torch import nn
@@ -55,7 +55,9 @@ def _torch_modules():
             return F.linear(x, w, self.bias) if self.conv is None else F.conv2d(x, w, self.bias, **self.conv)
 
     class Generator(nn.Module):
-        """noise [K, B, C, H, W], caption [B, L, D], caption_mask [B, L] -> latents x0 / sigma_d [B, C, H, W]."""
+        """noise [K, B, C, H, W], caption [B, L, D], caption_mask [B, L] -> latents x0 / sigma_d [B, C, H, W].
+
+        SanaSprintPipeline's denoising loop at the given TrigFlow times (also `torch_ref.diffusers_sample`)."""
 
         def __init__(self, transformer, times, guidance: float | None, sigma_d: float = 0.5):
             super().__init__()
@@ -97,7 +99,7 @@ def torch_generator(params, cfg, steps: int, guidance: float = 4.5, weights: str
     model = SanaTransformer2DModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     model.eval()
-    WeightOnly, Generator = _torch_modules()
+    WeightOnly, Generator = torch_modules()
     if weights != "float32":
         _replace_layers(model, lambda layer: WeightOnly(layer, weights))
     g = guidance * cfg.guidance_embeds_scale if cfg.guidance_embeds else None
