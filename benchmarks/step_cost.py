@@ -7,7 +7,8 @@ distillation generator step (teacher CFG, sCM JVP in the fused and the two-pass 
 the discriminator step; reads each compiled program's FLOPs from XLA's `cost_analysis()`; times them as the
 median of interleaved runs; prints, per step, the measured time ratio to the flow step next to the FLOP
 ratio. A time ratio close to the FLOP ratio means the step wastes nothing beyond its arithmetic. Every figure
-is a ratio from one run (or a compiler figure), so a noisy shared machine cannot fake it.
+is a ratio from one run (or a compiler figure), so a noisy shared machine cannot fake it. The blocks are
+unrolled (`scan_layers=False`) because XLA's cost analysis counts a loop body once.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def build(args):
     cfg = ModelConfig(in_channels=32, out_channels=32, num_attention_heads=heads, attention_head_dim=32,
                       num_layers=args.layers, num_cross_attention_heads=heads, cross_attention_head_dim=32,
                       cross_attention_dim=args.hidden, caption_channels=args.caption_channels,
-                      sample_size=args.latent, qk_norm="rms_norm_across_heads")
+                      sample_size=args.latent, qk_norm="rms_norm_across_heads", scan_layers=args.scan)
     rng = np.random.default_rng(0)
     b, L = args.batch, args.caption_len
     batch = {"latents": jnp.asarray(rng.standard_normal((b, 32, args.latent, args.latent)), jnp.float32),
@@ -64,6 +65,9 @@ def main(argv=None) -> None:
     p.add_argument("--caption-len", type=int, default=64)
     p.add_argument("--caption-channels", type=int, default=2304)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scan", action="store_true",
+                   help="scan over the blocks (XLA's cost analysis then counts one block per loop: FLOP ratios "
+                        "are wrong; for timing the scanned form only)")
     args = p.parse_args(argv)
     cfg, batch, steps = build(args)
     key = jax.random.key(2)
@@ -82,8 +86,9 @@ def main(argv=None) -> None:
             times[name].append(time.perf_counter() - t0)
     med = {name: float(np.median(t)) for name, t in times.items()}
     base = "flow (fwd + bwd)"
-    print(f"\nmodel: hidden {args.hidden}, {args.layers} layers, {args.latent}x{args.latent} latent, batch "
-          f"{args.batch}, caption {args.caption_len}x{args.caption_channels}; {jax.devices()[0].device_kind}, "
+    print(f"\nmodel: hidden {args.hidden}, {args.layers} layers ({'scanned' if args.scan else 'unrolled'}), "
+          f"{args.latent}x{args.latent} latent, batch {args.batch}, caption {args.caption_len}x"
+          f"{args.caption_channels}; {jax.devices()[0].device_kind} x {os.cpu_count()} cores, "
           f"median of {args.repeats} interleaved runs\n")
     print("| step | GFLOP | time (s) | GFLOP/s | time ratio | FLOP ratio | time / FLOP ratio |")
     print("|---|---|---|---|---|---|---|")

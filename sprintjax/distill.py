@@ -112,11 +112,28 @@ class Distiller:
     def _d_time(self, rng, b):
         return trigflow.sample_time(rng, (b,), self.cfg.d_p_mean, self.cfg.d_p_std, self.cfg.sigma_d)
 
-    def _noise(self, rng, x0, t):
-        """x_t = cos t x0 + sin t z, z ~ N(0, sigma_d^2 I) (facts §1)."""
-        z = jax.random.normal(rng, x0.shape) * self.cfg.sigma_d
+    def _z(self, rng, shape):
+        return jax.random.normal(rng, shape) * self.cfg.sigma_d  # z ~ N(0, sigma_d^2 I) (facts §1)
+
+    @staticmethod
+    def _mix(x0, z, t):
+        """x_t = cos t x0 + sin t z (facts §1)."""
         tb = t[:, None, None, None]
         return jnp.cos(tb) * x0 + jnp.sin(tb) * z
+
+    def _noise(self, rng, x0, t):
+        return self._mix(x0, self._z(rng, x0.shape), t)
+
+    def generator_draws(self, rng, shape) -> dict:
+        """Every random draw of one generator step for latents of `shape` [B, C, H, W]: guidance w; sCM time t
+        and noise z; the student's LADD time t2 and noise z2; the discriminator's re-noising time t_d and noise
+        z_d. (benchmarks/vs_pytorch.py feeds the same draws to its PyTorch step.)"""
+        b = shape[0]
+        k_w, k_t, k_z, k_t2, k_z2, k_td, k_zd = jax.random.split(rng, 7)
+        cfg = self.cfg
+        return {"w": self._guidance(k_w, b), "t": trigflow.sample_time(k_t, (b,), cfg.p_mean, cfg.p_std, cfg.sigma_d),
+                "z": self._z(k_z, shape), "t2": self._student_time(k_t2, b), "z2": self._z(k_z2, shape),
+                "t_d": self._d_time(k_td, b), "z_d": self._z(k_zd, shape)}
 
     def _guidance(self, rng, b):
         return jax.random.choice(rng, jnp.asarray(self.cfg.cfg_scales, jnp.float32), (b,))
@@ -127,14 +144,13 @@ class Distiller:
         cfg, sd = self.cfg, self.cfg.sigma_d
         x0 = batch["latents"].astype(jnp.float32) * sd
         y, mask = self._cond(batch)
-        b = x0.shape[0]
-        k_w, k_t, k_z, k_t2, k_z2, k_td, k_zd = jax.random.split(rng, 7)
-        w = self._guidance(k_w, b)
+        rv = self.generator_draws(rng, x0.shape)
+        w = rv["w"]
         total, metrics = 0.0, {}
         teacher_params = jax.lax.stop_gradient(state.teacher)
         if cfg.use_scm:
-            t = trigflow.sample_time(k_t, (b,), cfg.p_mean, cfg.p_std, sd)
-            x_t = self._noise(k_z, x0, t)
+            t = rv["t"]
+            x_t = self._mix(x0, rv["z"], t)
             dxt_dt = jax.lax.stop_gradient(scm.teacher_dxt_dt(self.teacher, teacher_params, state.null_caption,
                                                               x_t, t, y, mask, w, sd))
             r = jnp.minimum(1.0, (state.step + 1) / cfg.tangent_warmup_steps)  # tangent warmup
@@ -142,10 +158,9 @@ class Distiller:
             total = total + cfg.scm_weight * loss
             metrics["tangent_warmup"] = r
         if cfg.use_ladd:
-            t2 = self._student_time(k_t2, b)
-            x0_hat = scm.denoise(self.student, student_params, self._noise(k_z2, x0, t2), t2, y, mask, w, sd)
-            t_d = self._d_time(k_td, b)
-            feats = ladd.teacher_features(self.teacher, teacher_params, self._noise(k_zd, x0_hat, t_d) / sd, t_d,
+            t2, t_d = rv["t2"], rv["t_d"]
+            x0_hat = scm.denoise(self.student, student_params, self._mix(x0, rv["z2"], t2), t2, y, mask, w, sd)
+            feats = ladd.teacher_features(self.teacher, teacher_params, self._mix(x0_hat, rv["z_d"], t_d) / sd, t_d,
                                           y, mask, self.blocks)
             logits, _ = ladd.heads_logits(jax.lax.stop_gradient(state.heads), state.heads_state, feats,
                                           self.blocks, virtual_batch=cfg.disc_virtual_batch)

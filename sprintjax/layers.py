@@ -50,9 +50,16 @@ def timestep_features(t, dim: int = 256, max_period: float = 10000.0):
 
 
 class Dense(nn.Dense):
-    """nn.Dense with float32 parameters (the compute dtype comes from the config)."""
+    """nn.Dense with float32 parameters (the compute dtype comes from the config). Leading axes are flattened
+    into one before the product: the weight gradient is then a plain 2-D dot, which XLA:CPU runs 3-4x faster
+    than the same contraction over (batch, tokens) fused with a transposing copy (benchmarks/step_cost.py);
+    on TPU the reshape is free."""
 
     param_dtype: jnp.dtype = jnp.float32
+
+    def __call__(self, x):
+        lead = x.shape[:-1]
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*lead, self.features)
 
 
 class RMSNorm(nn.Module):

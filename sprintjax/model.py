@@ -2,7 +2,9 @@
 
 `params` is a plain dict pytree whose top-level keys mirror diffusers' module names; the per-layer tensors of
 `transformer_blocks` are stacked on a leading layer axis and the blocks run under `lax.scan` (optionally
-rematerialised), so compile time does not grow with depth. Inputs and outputs are NCHW like diffusers.
+rematerialised), so compile time does not grow with depth; `scan_layers=False` unrolls them instead (faster
+backward on XLA:CPU, and XLA's cost analysis then counts every layer: it counts a loop body once).
+Inputs and outputs are NCHW like diffusers.
 """
 
 from __future__ import annotations
@@ -181,15 +183,21 @@ class SanaTransformer:
         policy = _REMAT[self.config.remat]
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=policy)
+        def run(h, start, stop):  # blocks start..stop-1, scanned or unrolled
+            if self.config.scan_layers:
+                return jax.lax.scan(body, h, jax.tree.map(lambda a: a[start:stop], stacked))[0]
+            for i in range(start, stop):
+                h = body(h, jax.tree.map(lambda a, i=i: a[i], stacked))[0]
+            return h
+
         feats, start = {}, 0
         for end in sorted(set(features_after)):
             if not 0 <= end < self.config.num_layers:
                 raise ShapeError(f"feature layer {end} outside 0..{self.config.num_layers - 1}")
-            segment = jax.tree.map(lambda a, s=start, e=end: a[s:e + 1], stacked)
-            tokens, _ = jax.lax.scan(body, tokens, segment)
-            feats[end], start = tokens, end + 1
+            tokens = feats[end] = run(tokens, start, end + 1)
+            start = end + 1
         if start < self.config.num_layers and not features_only:
-            tokens, _ = jax.lax.scan(body, tokens, jax.tree.map(lambda a: a[start:], stacked))
+            tokens = run(tokens, start, self.config.num_layers)
         return tokens, [feats[i] for i in features_after]
 
     def _check(self, x, timestep, caption, caption_mask, guidance):

@@ -1,7 +1,7 @@
 """The SANA Linear DiT configuration: diffusers' `SanaTransformer2DModel` fields plus how we compute.
 
 The diffusers fields keep diffusers' names and defaults so that a `config.json` converts both ways without a
-dictionary of renames. The sprintjax fields (`dtype`, `remat`) say how the same function is computed; they never
+dictionary of renames. The sprintjax fields (`dtype`, `remat`, `scan_layers`) say how the same function is computed; they never
 change what it computes in float32 and are not written to a diffusers config.
 """
 
@@ -18,6 +18,7 @@ _DIFFUSERS_META = {"_class_name", "_diffusers_version", "_name_or_path", "_use_d
 QK_NORMS = (None, "rms_norm_across_heads")
 DTYPES = ("float32", "bfloat16", "float64")
 REMAT_POLICIES = ("none", "full", "dots")
+COMPUTE_FIELDS = ("dtype", "remat", "scan_layers")  # sprintjax-only fields: how, not what, is computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ModelConfig:
     # --- sprintjax compute settings (not part of the diffusers config) ---
     dtype: str = "float32"  # compute dtype of matmuls/convs; attention, norms and softmax stay >= float32
     remat: str = "none"  # rematerialisation of each transformer block: none | full | dots
+    scan_layers: bool = True  # lax.scan over the blocks (compile time flat in depth) or an unrolled loop
 
     def __post_init__(self):
         problems = []
@@ -89,6 +91,10 @@ class ModelConfig:
     def out_ch(self) -> int:
         return self.out_channels or self.in_channels
 
+    def compute_settings(self) -> dict[str, Any]:
+        """How the function is computed (never what it computes): carried from a run config to a loaded model."""
+        return {k: getattr(self, k) for k in COMPUTE_FIELDS}
+
     def replace(self, **kw) -> ModelConfig:
         unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -102,7 +108,7 @@ class ModelConfig:
         cls_name = cfg.get("_class_name", "SanaTransformer2DModel")
         if cls_name != "SanaTransformer2DModel":
             raise ConfigError(f"expected a SanaTransformer2DModel config, found _class_name={cls_name!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "remat"}
+        known = {f.name for f in dataclasses.fields(cls)} - set(COMPUTE_FIELDS)
         fields = {k: v for k, v in cfg.items() if k not in _DIFFUSERS_META}
         unknown = sorted(set(fields) - known)
         if unknown:
@@ -111,7 +117,8 @@ class ModelConfig:
 
     def to_diffusers(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("dtype"), d.pop("remat")
+        for k in COMPUTE_FIELDS:
+            d.pop(k)
         return {"_class_name": "SanaTransformer2DModel", "_diffusers_version": "0.42.1", **d}
 
     def to_json(self) -> str:

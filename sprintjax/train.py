@@ -66,12 +66,12 @@ def _teacher_params(rc: RunConfig, mesh, key):
 
     if is_diffusers_folder(rc.train.teacher_checkpoint):  # a diffusers transformer or pipeline folder
         params, src_cfg = diffusers_to_params(rc.train.teacher_checkpoint)
-        src_cfg = src_cfg.replace(dtype=rc.model.dtype, remat=rc.model.remat)
+        src_cfg = src_cfg.replace(**rc.model.compute_settings())
         if src_cfg != rc.model:
             raise CheckpointError(f"teacher {rc.train.teacher_checkpoint} does not match config.model:\n{src_cfg}\n"
                                   f"vs\n{rc.model}")
         return jax.device_put(params, shardings), shardings
-    src_cfg = read_model_config(rc.train.teacher_checkpoint).replace(dtype=rc.model.dtype, remat=rc.model.remat)
+    src_cfg = read_model_config(rc.train.teacher_checkpoint).replace(**rc.model.compute_settings())
     if src_cfg == rc.model:
         return load_params(rc.train.teacher_checkpoint, src_cfg, shardings, check_finite=False)[0], shardings
     if rc.train.stage != "teacher":

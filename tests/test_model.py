@@ -67,14 +67,20 @@ def test_bfloat16_compute_stays_close_and_returns_float32(model_and_params):
     assert 0 < rel_err(out, ref) < 5e-2
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_changes_nothing_but_memory(model_and_params, remat):
+@pytest.mark.parametrize("compute", [{"remat": "full"}, {"remat": "dots"}, {"scan_layers": False},
+                                     {"scan_layers": False, "remat": "dots"}])
+def test_remat_and_unrolling_change_nothing_but_cost(model_and_params, compute):
     model, params = model_and_params
     x, t, y, mask, g = inputs(model.config, (8, 8))
     loss = lambda m: lambda p: jnp.sum(m.apply(p, x, t, y, mask, g) ** 2)  # noqa: E731
     g_ref = jax.jit(jax.grad(loss(model)))(params)
-    g_remat = jax.jit(jax.grad(loss(SanaTransformer(model.config.replace(remat=remat)))))(params)
-    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat), strict=True):
+    g_other = jax.jit(jax.grad(loss(SanaTransformer(model.config.replace(**compute)))))(params)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_other), strict=True):
+        assert rel_err(b, a) < 1e-5
+    feats = model.forward(params, x, t, y, mask, g, features_after=(0, 2))[1]["features"]
+    other = SanaTransformer(model.config.replace(**compute)).forward(params, x, t, y, mask, g,
+                                                                      features_after=(0, 2))[1]["features"]
+    for a, b in zip(feats, other, strict=True):
         assert rel_err(b, a) < 1e-5
 
 
