@@ -1,6 +1,6 @@
 """Step cost against the FLOP model, on this machine's CPU, in one run (not in CI).
 
-    python benchmarks/step_cost.py [--hidden 512 --layers 8 --latent 32 --batch 8 --caption-len 64 --repeats 3]
+    python benchmarks/step_cost.py [--hidden 512 --layers 8 --latent 16 --batch 8 --caption-len 64 --repeats 3]
 
 Compiles, on the same model, the plain flow-matching training step (forward + backward: the baseline), the
 distillation generator step (teacher CFG, sCM JVP in the fused and the two-pass form, LADD generator loss) and
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--latent", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--caption-len", type=int, default=64)
     p.add_argument("--caption-channels", type=int, default=2304)

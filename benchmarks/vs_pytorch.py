@@ -1,6 +1,6 @@
 """sprintjax's generator step against a PyTorch reference step, on this machine's CPU, in one run (not in CI).
 
-    python benchmarks/vs_pytorch.py [--hidden 512 --layers 8 --latent 32 --batch 8 --caption-len 64 --repeats 3]
+    python benchmarks/vs_pytorch.py [--hidden 512 --layers 8 --latent 16 --batch 8 --caption-len 64 --repeats 3]
 
 The PyTorch step is what a user would write instead: diffusers' `SanaTransformer2DModel` as teacher and student
 (the same weights, through the conversion table), `torch.func.jvp` for the sCM tangent (cross-attention as an
@@ -276,7 +276,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--latent", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--caption-len", type=int, default=64)
     p.add_argument("--caption-channels", type=int, default=2304)

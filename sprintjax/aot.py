@@ -4,20 +4,35 @@ before a pod is taken.
 
 Topologies: a TPU name such as `v5p:4x4x4` or `v6e:8x8` (libtpu's AOT path: no TPU needed) or `cpu:N` (fake
 CPU devices; the CLI sets XLA_FLAGS before JAX starts). Nothing is allocated: every array is abstract.
+
+XLA's cost analysis counts a while-loop body once, so for a model that scans its blocks the compiled program's
+`flops` / `optimal_seconds` cover one block per loop. The report therefore also gives `model_flops`: the
+step's FLOPs per device from the same step lowered with the blocks unrolled (no compilation needed), and
+collective bytes read from the compiled HLO with every loop's trip count applied, next to the FSDP minimum
+(each sharded weight the step reads gathered once in the compute dtype, each trained sharded weight's float32
+gradient reduce-scattered once).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sprintjax.configlib import RunConfig, resolve
 from sprintjax.errors import ConfigError
 from sprintjax.model import SanaTransformer
 from sprintjax.sharding import batch_sharding, data_parallel_size, make_mesh, tree_shardings
+
+# Peak dense bf16 FLOP/s and HBM bytes per chip (Cloud TPU product pages) for the utilisation bound.
+CHIPS = {"v4": (275e12, 32 << 30), "v5e": (197e12, 16 << 30), "v5p": (459e12, 95 << 30),
+         "v6e": (918e12, 32 << 30)}
 
 
 def topology_devices(topology: str):
@@ -66,13 +81,16 @@ def compile_steps(config, topology: str) -> dict:
                                              sharding=bsh),
              "caption_mask": jax.ShapeDtypeStruct((gb, rc.data.caption_len), jnp.float32, sharding=bsh)}
     state = _abstract(p.abstract, p.state_sh)
+    it = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     names = [n for n in p.steps if n != "train"] or ["train"]
+    unrolled = plan(dataclasses.replace(rc, model=m.replace(scan_layers=False)), mesh,
+                    _abstract(teacher_shapes, teacher_sh), null, teacher_sh)
     report = {}
     for name in names:
         fn = compiled_step(p.steps[name], rc.train.seed, p.state_sh, bsh, rep)
-        compiled = fn.lower(state, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)).compile()
-        mem, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
-        cost = cost[0] if isinstance(cost, list) else cost
+        compiled = fn.lower(state, batch, it).compile()
+        mem, cost = compiled.memory_analysis(), _cost(compiled)
+        model_flops = _global_flops(unrolled.steps[name], rc.train.seed, (state, batch, it)) / mesh.size
         report[name] = {
             "devices": mesh.size, "mesh": dict(mesh.shape), "global_batch": gb,
             "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
@@ -83,8 +101,125 @@ def compile_steps(config, topology: str) -> dict:
             "flops": float(cost.get("flops", float("nan"))),
             "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
             "optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
+            "model_flops": float(model_flops),
+            "collective_bytes": collective_bytes(compiled.as_text()),
+            "fsdp_minimum_bytes": fsdp_minimum(p.abstract, p.state_sh, name, m.dtype),
         }
+        report[name].update(_bound(report[name], topology.partition(":")[0]))
     return report
+
+
+def _global_flops(step_fn, seed: int, args) -> float:
+    """FLOPs of one step over the whole mesh: the unpartitioned program lowered for one CPU device and
+    costed before compilation (a TPU topology's lowering offers no cost analysis)."""
+    def run(state, batch, iteration):
+        return step_fn(state, batch, jax.random.fold_in(jax.random.key(seed), iteration))
+
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    with jax.default_device(jax.devices("cpu")[0]):
+        lowered = jax.jit(run).lower(*plain)
+    return float(_cost(lowered).get("flops", float("nan")))
+
+
+def _bound(r: dict, chip: str) -> dict:
+    """The compiler's optimal time scaled from the compiled program's FLOPs (loop bodies once) to the model's,
+    and the model-FLOP utilisation that time would give: an upper bound on MFU (1.0 = compute-bound)."""
+    if chip not in CHIPS or not r["flops"] > 0:
+        return {}
+    seconds = r["optimal_seconds"] * r["model_flops"] / r["flops"]
+    return {"peak_flops": CHIPS[chip][0], "hbm_bytes": CHIPS[chip][1], "optimal_seconds_scaled": seconds,
+            "mfu_bound": r["model_flops"] / (seconds * CHIPS[chip][0])}
+
+
+def _cost(stage) -> dict:
+    cost = stage.cost_analysis() or {}
+    return cost[0] if isinstance(cost, list) else cost
+
+
+# ---------------------------------------------------------------- collectives
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2,
+                "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_HEAD = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
+_COLL = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_WHILE = re.compile(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_CALLS = re.compile(r"(?:calls|true_computation|false_computation)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+
+
+def _array_bytes(type_str: str) -> list[int]:
+    return [int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _DTYPE_BYTES[dt]
+            for dt, dims in _ARRAY.findall(type_str)]
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Per-device payload bytes of each collective kind in one run of a compiled (partitioned) HLO module:
+    an all-gather's result, the operand of the others, times the trip count of every enclosing while loop
+    (read from the loop condition's integer bound)."""
+    comps, entry, cur = {}, None, None
+    for line in hlo_text.splitlines():
+        head = _HEAD.match(line)
+        if head:
+            cur = head.group(1)
+            comps[cur] = []
+            entry = cur if line.startswith("ENTRY") else entry
+        elif line.strip() == "}":
+            cur = None
+        elif cur is not None:
+            comps[cur].append(line)
+    memo: dict[str, collections.Counter] = {}
+
+    def trips(cond: str) -> int:
+        bounds = [int(n) for line in comps.get(cond, []) for n in re.findall(r"[su]32\[\] constant\((\d+)\)", line)]
+        return max(bounds, default=1)
+
+    def walk(name: str) -> collections.Counter:
+        if name not in memo:
+            acc = memo[name] = collections.Counter()
+            for line in comps.get(name, []):
+                if " = " not in line:
+                    continue
+                rhs = line.split(" = ", 1)[1]
+                op = _COLL.search(" " + rhs)
+                if op:
+                    sizes = _array_bytes(rhs[:op.start()])
+                    if op.group(2):  # an async start's tuple: (operands, results, context)
+                        acc[op.group(1)] += max(sizes) if op.group(1) == "all-gather" else sizes[0]
+                    else:
+                        acc[op.group(1)] += sum(sizes)
+                loop = _WHILE.search(line)
+                if loop:
+                    for k, v in walk(loop.group(2)).items():
+                        acc[k] += trips(loop.group(1)) * v
+                    continue
+                for single, branches in _CALLS.findall(line):
+                    for callee in [single] if single else re.findall(r"%([\w.\-]+)", branches):
+                        acc.update(walk(callee))
+        return memo[name]
+
+    found = walk(entry) if entry else collections.Counter()
+    return {k: int(found.get(k, 0)) for k in COLLECTIVES}
+
+
+def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str) -> dict[str, int]:
+    """What FSDP must move per device in one step at least: every sharded weight the step reads, gathered once
+    in the compute dtype; every trained sharded weight's float32 gradient, reduce-scattered once."""
+    def sharded_bytes(tree, shardings, itemsize):
+        leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "spec")),
+                     strict=True)
+        return int(sum(np.prod(a.shape, dtype=np.int64) * itemsize for a, s in leaves
+                       if any(ax is not None for ax in s.spec)))
+
+    parts = {k: getattr(abstract_state, k, None) for k in ("teacher", "student", "heads")}
+    if step == "train":  # teacher stage: the trained model is `params`
+        parts = {"student": abstract_state.params}
+        shard = {"student": state_sh.params}
+    else:
+        shard = {k: getattr(state_sh, k) for k in parts}
+    trained = {"generator": "student", "discriminator": "heads", "train": "student"}[step]
+    item = jnp.dtype(compute_dtype).itemsize
+    read = sum(sharded_bytes(v, shard[k], item) for k, v in parts.items() if v is not None)
+    return {"all-gather": read, "reduce-scatter": sharded_bytes(parts[trained], shard[trained], 4)}
 
 
 def _size(n: float) -> str:
@@ -102,5 +237,14 @@ def format_report(report: dict, topology: str) -> str:
             f"temporaries {_size(r['temp_bytes'])}, outputs {_size(r['output_bytes'])} "
             f"(aliased {_size(r['alias_bytes'])}), peak ~{_size(r['peak_bytes_estimate'])}; "
             f"{r['flops'] / 1e12:.4g} TFLOP, {_size(r['bytes_accessed'])} accessed, "
-            f"optimal {r['optimal_seconds'] * 1e3:.3g} ms")
+            f"optimal {r['optimal_seconds'] * 1e3:.3g} ms (loop bodies counted once)")
+        moved, least = sum(r["collective_bytes"].values()), sum(r["fsdp_minimum_bytes"].values())
+        kinds = ", ".join(f"{k} {_size(v)}" for k, v in r["collective_bytes"].items() if v)
+        lines.append(f"  {'':14s} model {r['model_flops'] / 1e12:.4g} TFLOP per device (blocks unrolled); "
+                     f"collectives {_size(moved)} ({kinds or 'none'}) = {moved / max(least, 1):.2f}x the FSDP "
+                     f"minimum {_size(least)}")
+        if "mfu_bound" in r:
+            lines.append(f"  {'':14s} optimal time scaled to the model FLOPs "
+                         f"{r['optimal_seconds_scaled'] * 1e3:.3g} ms: MFU bound {r['mfu_bound']:.2f}; "
+                         f"peak ~{_size(r['peak_bytes_estimate'])} of {_size(r['hbm_bytes'])} HBM")
     return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""TPU training programs compiled ahead of time on this machine (libtpu's AOT path; no TPU needed; not in CI).
+
+    python benchmarks/tpu_aot.py [--out runs/bench/tpu_aot] [--only 600m-v5p-64,...]
+
+Runs `sprintjax compile` for the official 1024px recipes (32x32 latents, 300 caption tokens, global batch 512)
+of the 0.6B and 1.6B presets on v5p and v6e topologies of 32 and 64 chips, and for before/after variants of the
+compute settings (remat policy, scan over layers, float32 vs bfloat16 compute). Each run is a subprocess that
+writes its JSON report (resumable: finished runs are kept); the script then prints one markdown table of
+per-device memory, FLOPs, the compiler's optimal time, the MFU bound and collective bytes against the FSDP
+minimum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIGS = {"600m": "configs/sana_sprint_600m_1024.py", "1600m": "configs/sana_sprint_1600m_1024.py"}
+TOPOLOGIES = {("v5p", 32): "v5p:4x4x2", ("v5p", 64): "v5p:4x4x4", ("v6e", 32): "v6e:4x8", ("v6e", 64): "v6e:8x8"}
+MATRIX = [(m, chip, n, {}) for m in CONFIGS for chip in ("v5p", "v6e") for n in (32, 64)]
+VARIANTS = [  # before/after figures of the compute settings, on the tightest fit (1.6B, v6e, 32 chips)
+    ("1600m", "v6e", 32, {"model.remat": "none"}),
+    ("1600m", "v6e", 32, {"model.remat": "full"}),
+    ("1600m", "v6e", 32, {"model.dtype": "float32"}),
+    ("600m", "v5p", 64, {"model.scan_layers": "false"}),
+]
+
+
+def run_name(model, chip, n, overrides) -> str:
+    return "-".join([model, chip, str(n), *(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())])
+
+
+def run_one(out: Path, model, chip, n, overrides) -> dict | None:
+    path = out / f"{run_name(model, chip, n, overrides)}.json"
+    if not path.exists():
+        sprintjax = str(Path(sys.executable).parent / "sprintjax")
+        cmd = [sprintjax, "compile", "--config", CONFIGS[model], "--topology", TOPOLOGIES[chip, n], "--json",
+               str(path), *(f"--config.{k}={v}" for k, v in overrides.items())]
+        print("$", " ".join(cmd[1:]), flush=True)
+        done = subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-2000:], flush=True)
+            return None
+        print(done.stdout.split("figures per device\n", 1)[-1], flush=True)
+    return json.loads(path.read_text())
+
+
+def table(rows) -> str:
+    gib = 1 << 30
+    out = ["| run | step | arguments GiB | temporaries GiB | peak GiB / HBM | model TFLOP | optimal ms (scaled) | "
+           "MFU bound | collectives GiB | FSDP min GiB | ratio |", "|" + "---|" * 11]
+    for name, report in rows:
+        for step, r in report.items():
+            moved, least = sum(r["collective_bytes"].values()), sum(r["fsdp_minimum_bytes"].values())
+            out.append(f"| {name} | {step} | {r['argument_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.2f} | "
+                       f"{r['peak_bytes_estimate'] / gib:.1f} / {r['hbm_bytes'] / gib:.0f} | "
+                       f"{r['model_flops'] / 1e12:.1f} | {r['optimal_seconds_scaled'] * 1e3:.0f} | "
+                       f"{r['mfu_bound']:.2f} | {moved / gib:.2f} | {least / gib:.2f} | {moved / least:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/bench/tpu_aot")
+    p.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = set(filter(None, args.only.split(",")))
+    rows = []
+    for model, chip, n, overrides in MATRIX + VARIANTS:
+        name = run_name(model, chip, n, overrides)
+        if wanted and name not in wanted:
+            continue
+        report = run_one(out, model, chip, n, overrides)
+        if report:
+            rows.append((name, report))
+    print(table(rows))
+    (out / "table.md").write_text(table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
