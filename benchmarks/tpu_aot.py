@@ -21,12 +21,14 @@ from pathlib import Path
 
 CONFIGS = {"600m": "configs/sana_sprint_600m_1024.py", "1600m": "configs/sana_sprint_1600m_1024.py"}
 TOPOLOGIES = {("v5p", 32): "v5p:4x4x2", ("v5p", 64): "v5p:4x4x4", ("v6e", 32): "v6e:4x8", ("v6e", 64): "v6e:8x8"}
-MATRIX = [(m, chip, n, {}) for m in CONFIGS for chip in ("v5p", "v6e") for n in (32, 64)]
-VARIANTS = [  # before/after figures of the compute settings, on the tightest fit (1.6B, v6e, 32 chips)
+MATRIX = [(m, chip, n, {}) for m, chip, n in (("600m", "v5p", 32), ("1600m", "v6e", 32), ("600m", "v5p", 64),
+                                              ("1600m", "v5p", 64), ("600m", "v6e", 32), ("1600m", "v5p", 32),
+                                              ("600m", "v6e", 64), ("1600m", "v6e", 64))]
+VARIANTS = [  # before/after figures of the compute settings and the sCM form
+    ("600m", "v5p", 32, {"distill.scm_form": "two_pass"}),
     ("1600m", "v6e", 32, {"model.remat": "none"}),
-    ("1600m", "v6e", 32, {"model.remat": "full"}),
     ("1600m", "v6e", 32, {"model.dtype": "float32"}),
-    ("600m", "v5p", 64, {"model.scan_layers": "false"}),
+    ("1600m", "v6e", 32, {"model.remat": "full"}),
 ]
 
 

@@ -48,6 +48,7 @@ def topology_devices(topology: str):
 
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", kind + "-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no TPU is opened, no lock needed
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     except Exception as e:  # libtpu raises plain RuntimeErrors for unknown names

@@ -10,6 +10,7 @@ throughput (batch `throughput_batch`), and NFE.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def teacher_sampler(model: SanaTransformer, params, null_caption, steps: int, gu
         raise ValueError(f"solver must be 'flow' or 'trigflow', got {solver!r}")
 
     @jax.jit
-    def run(noise, caption, mask):
+    def run(params, null_caption, noise, caption, mask):  # weights are arguments, not embedded constants
         b = caption.shape[0]
         null = jnp.broadcast_to(null_caption[None], caption.shape)
 
@@ -57,7 +58,7 @@ def teacher_sampler(model: SanaTransformer, params, null_caption, steps: int, gu
         if solver == "flow":
             return trigflow.euler_flow(v, noise[0], steps)
         return trigflow.euler_trigflow(trigflow.flow_to_trigflow(v), noise[0], steps)
-    return run, 2 * steps
+    return functools.partial(run, params, null_caption), 2 * steps
 
 
 def student_sampler(model: SanaTransformer, params, steps: int, guidance: float = GUIDANCE):
@@ -67,9 +68,9 @@ def student_sampler(model: SanaTransformer, params, steps: int, guidance: float 
     times = trigflow.schedule(steps)
 
     @jax.jit
-    def run(noise, caption, mask):
+    def run(params, noise, caption, mask):
         return trigflow.sample(trigflow_model(model, params, caption, mask, guidance), noise, times)
-    return run, steps
+    return functools.partial(run, params), steps
 
 
 def _timed(fn, *args, repeats: int = 5) -> float:

@@ -1,8 +1,8 @@
 """The SANA Linear DiT configuration: diffusers' `SanaTransformer2DModel` fields plus how we compute.
 
 The diffusers fields keep diffusers' names and defaults so that a `config.json` converts both ways without a
-dictionary of renames. The sprintjax fields (`dtype`, `remat`, `scan_layers`) say how the same function is computed; they never
-change what it computes in float32 and are not written to a diffusers config.
+dictionary of renames. The sprintjax fields (`dtype`, `remat`, `scan_layers`) say how the same function is
+computed; they never change what it computes in float32 and are not written to a diffusers config.
 """
 
 from __future__ import annotations

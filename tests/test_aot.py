@@ -26,6 +26,8 @@ def check_report(out, path, names):
     assert sorted(report) == sorted(names)
     for r in report.values():
         assert r["temp_bytes"] > 0 and r["argument_bytes"] > 0 and r["flops"] > 0
+        # The blocks are scanned: the compiled program's count has one block per loop, the model count all.
+        assert r["model_flops"] * r["devices"] > 1.5 * r["flops"]
     return report
 
 
@@ -35,12 +37,49 @@ def test_tiny_distillation_compiles_for_a_v5p_topology(tmp_path):
     report = check_report(out, tmp_path / "r.json", ["generator", "discriminator"])
     assert report["generator"]["mesh"] == {"data": 2, "fsdp": 2}
     assert report["generator"]["optimal_seconds"] > 0  # a TPU cost model figure
+    assert 0 < report["generator"]["mfu_bound"] and report["generator"]["collective_bytes"]["all-gather"] > 0
     assert "arguments" in out.stdout and "temporaries" in out.stdout
 
 
 def test_teacher_stage_compiles_for_fake_cpu_devices(tmp_path):
     out = compile_cli("--config", "configs/tiny.py:teacher", "--topology", "cpu:4", "--json", str(tmp_path / "r.json"))
     check_report(out, tmp_path / "r.json", ["train"])
+
+
+HLO = """
+%body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[4,256]{1,0} all-gather(%x), dimensions={0}
+  %inner = (s32[], f32[8]) while(%t), condition=%cond.2, body=%body.2
+}
+%cond.1 (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[] constant(28)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+%body.2 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %cp = (f32[16]{0}, f32[16]{0}, u32[]) collective-permute-start(%y), source_target_pairs={{0,1}}
+}
+%cond.2 (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[] constant(3)
+}
+%fused (a: f32[2]) -> f32[2] {
+  %rs = f32[2,64]{1,0} reduce-scatter(%a), dimensions={0}
+}
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond.1, body=%body.1
+  %ar = (f32[10]{0}, f32[6]{0}) all-reduce(%u, %v), to_apply=%add
+  %f = f32[2] fusion(%a), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_collective_bytes_count_every_loop_trip():
+    from sprintjax.aot import collective_bytes
+
+    got = collective_bytes(HLO)
+    assert got["all-gather"] == 28 * 4 * 256 * 2  # bf16 result, 28 trips
+    assert got["collective-permute"] == 28 * 3 * 16 * 4  # nested loop: 28 x 3 trips, the operand of the start
+    assert got["all-reduce"] == (10 + 6) * 4 and got["reduce-scatter"] == 2 * 64 * 4  # inside a fusion call
+    assert got["all-to-all"] == 0
 
 
 def test_unknown_topology_and_indivisible_batch_are_clear_errors():
