@@ -44,10 +44,10 @@ def run_one(out: Path, model, chip, n, overrides) -> dict | None:
                str(path), *(f"--config.{k}={v}" for k, v in overrides.items())]
         print("$", " ".join(cmd[1:]), flush=True)
         done = subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
-        if done.returncode:
+        print(done.stdout.split("figures per device\n", 1)[-1], flush=True)
+        if not path.exists():  # a failure other than "does not fit" (that one is reported in the JSON)
             print(done.stderr[-2000:], flush=True)
             return None
-        print(done.stdout.split("figures per device\n", 1)[-1], flush=True)
     return json.loads(path.read_text())
 
 
@@ -57,6 +57,9 @@ def table(rows) -> str:
            "MFU bound | collectives GiB | FSDP min GiB | ratio |", "|" + "---|" * 11]
     for name, report in rows:
         for step, r in report.items():
+            if "does_not_fit" in r:
+                out.append(f"| {name} | {step} | does not fit: {r['does_not_fit']} |" + " |" * 9)
+                continue
             moved, least = sum(r["collective_bytes"].values()), sum(r["fsdp_minimum_bytes"].values())
             out.append(f"| {name} | {step} | {r['argument_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.2f} | "
                        f"{r['peak_bytes_estimate'] / gib:.1f} / {r['hbm_bytes'] / gib:.0f} | "

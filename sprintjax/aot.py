@@ -89,7 +89,14 @@ def compile_steps(config, topology: str) -> dict:
     report = {}
     for name in names:
         fn = compiled_step(p.steps[name], rc.train.seed, p.state_sh, bsh, rep)
-        compiled = fn.lower(state, batch, it).compile()
+        try:
+            compiled = fn.lower(state, batch, it).compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that exceeds HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            report[name] = {"devices": mesh.size, "mesh": dict(mesh.shape), "global_batch": gb,
+                            "does_not_fit": str(e).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0]}
+            continue
         mem, cost = compiled.memory_analysis(), _cost(compiled)
         model_flops = _global_flops(unrolled.steps[name], rc.train.seed, (state, batch, it)) / mesh.size
         report[name] = {
@@ -233,6 +240,10 @@ def _size(n: float) -> str:
 def format_report(report: dict, topology: str) -> str:
     lines = [f"topology {topology}: figures per device"]
     for name, r in report.items():
+        if "does_not_fit" in r:
+            lines.append(f"  {name:14s} mesh {r['mesh']} global batch {r['global_batch']}: DOES NOT FIT: "
+                         f"{r['does_not_fit']}")
+            continue
         lines.append(
             f"  {name:14s} mesh {r['mesh']} global batch {r['global_batch']}: arguments {_size(r['argument_bytes'])}, "
             f"temporaries {_size(r['temp_bytes'])}, outputs {_size(r['output_bytes'])} "

@@ -171,6 +171,9 @@ def cmd_compile(a, overrides):
         from sprintjax.fileio import atomic_write_bytes
 
         atomic_write_bytes(a.json, json.dumps(report, indent=2).encode())
+    too_big = [n for n, r in report.items() if "does_not_fit" in r]
+    if too_big:
+        raise SprintjaxError(f"{', '.join(too_big)} does not fit the device memory of {a.topology} (report above)")
 
 
 def cmd_prepare_data(a):
