@@ -20,6 +20,29 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark model's flags (shared with vs_pytorch.py)."""
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--latent", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--caption-len", type=int, default=64)
+    p.add_argument("--caption-channels", type=int, default=2304)
+    p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
+def model_config(args):
+    """A SANA block stack with 32-dim heads, 32 latent channels and QK-norm, as the benchmark sizes it."""
+    from sprintjax.model_config import ModelConfig
+
+    heads = args.hidden // 32
+    return ModelConfig(in_channels=32, out_channels=32, num_attention_heads=heads, attention_head_dim=32,
+                       num_layers=args.layers, num_cross_attention_heads=heads, cross_attention_head_dim=32,
+                       cross_attention_dim=args.hidden, caption_channels=args.caption_channels,
+                       sample_size=args.latent, qk_norm="rms_norm_across_heads", scan_layers=args.scan)
+
+
 def build(args):
     import jax
     import jax.numpy as jnp
@@ -28,13 +51,8 @@ def build(args):
     from sprintjax.distill import Distiller
     from sprintjax.distill_config import DistillConfig
     from sprintjax.flow import TeacherTrainer
-    from sprintjax.model_config import ModelConfig
 
-    heads = args.hidden // 32
-    cfg = ModelConfig(in_channels=32, out_channels=32, num_attention_heads=heads, attention_head_dim=32,
-                      num_layers=args.layers, num_cross_attention_heads=heads, cross_attention_head_dim=32,
-                      cross_attention_dim=args.hidden, caption_channels=args.caption_channels,
-                      sample_size=args.latent, qk_norm="rms_norm_across_heads", scan_layers=args.scan)
+    cfg = model_config(args)
     rng = np.random.default_rng(0)
     b, L = args.batch, args.caption_len
     batch = {"latents": jnp.asarray(rng.standard_normal((b, 32, args.latent, args.latent)), jnp.float32),
@@ -58,13 +76,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--latent", type=int, default=16)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--caption-len", type=int, default=64)
-    p.add_argument("--caption-channels", type=int, default=2304)
-    p.add_argument("--repeats", type=int, default=3)
+    model_args(p)
     p.add_argument("--scan", action="store_true",
                    help="scan over the blocks (XLA's cost analysis then counts one block per loop: FLOP ratios "
                         "are wrong; for timing the scanned form only)")

@@ -20,6 +20,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from step_cost import model_args, model_config  # noqa: E402  (the same benchmark model; run from benchmarks/)
+
 
 def torch_parts():
     """The PyTorch reference: an explicit-softmax attention processor and the generator step."""
@@ -209,13 +211,8 @@ def build(args):
     from sprintjax.distill import Distiller
     from sprintjax.distill_config import DistillConfig
     from sprintjax.model import SanaTransformer
-    from sprintjax.model_config import ModelConfig
 
-    heads = args.hidden // 32
-    cfg = ModelConfig(in_channels=32, out_channels=32, num_attention_heads=heads, attention_head_dim=32,
-                      num_layers=args.layers, num_cross_attention_heads=heads, cross_attention_head_dim=32,
-                      cross_attention_dim=args.hidden, caption_channels=args.caption_channels,
-                      sample_size=args.latent, qk_norm="rms_norm_across_heads", scan_layers=args.scan)
+    cfg = model_config(args)
     dcfg = DistillConfig(optimizer="adamw", lr_g=1e-5, warmup_steps_g=0, tangent_warmup_steps=100,
                          disc_layers=(args.layers // 4, args.layers // 2))
     d = Distiller(cfg, dcfg)
@@ -274,13 +271,7 @@ def main(argv=None) -> None:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--latent", type=int, default=16)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--caption-len", type=int, default=64)
-    p.add_argument("--caption-channels", type=int, default=2304)
-    p.add_argument("--repeats", type=int, default=3)
+    model_args(p)
     p.add_argument("--scan", action="store_true", help="sprintjax scans over the blocks (default: unrolled)")
     args = p.parse_args(argv)
     cfg, d, state, batch, step_t = build(args)
