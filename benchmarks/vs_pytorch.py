@@ -49,11 +49,16 @@ def torch_parts():
     class StopForward(Exception):
         """Raised by a hook after the last feature block: the teacher's remaining blocks are not run."""
 
-    def flow_to_trigflow(velocity, x_hat, t):  # Prop. 3.1 (Eq. 6-8), as sprintjax.trigflow
+    def flow_input(x_hat, t):
+        """(x_FM, t_FM, scale) of the flow model for TrigFlow (x_hat, t)."""
         tf = torch.sin(t) / (torch.sin(t) + torch.cos(t))  # Eq. 6
         tb = tf[:, None, None, None]
         scale = torch.sqrt(tb**2 + (1 - tb) ** 2)
-        x_fm = x_hat * scale  # Eq. 7
+        return x_hat * scale, tf, scale  # Eq. 7
+
+    def flow_to_trigflow(velocity, x_hat, t):  # Prop. 3.1 (Eq. 6-8), as sprintjax.trigflow
+        x_fm, tf, scale = flow_input(x_hat, t)
+        tb = tf[:, None, None, None]
         v, aux = velocity(x_fm, tf)
         return ((1 - 2 * tb) * x_fm + (1 - 2 * tb + 2 * tb**2) * v) / scale, aux  # Eq. 8
 
@@ -106,11 +111,10 @@ def torch_parts():
                 return fn
 
             handles = [self.teacher.transformer_blocks[i].register_forward_hook(hook(i)) for i in self.blocks]
-            tf = torch.sin(t) / (torch.sin(t) + torch.cos(t))
-            tb = tf[:, None, None, None]
+            x_fm, tf, _ = flow_input(x_hat, t)
             try:
-                self.teacher(x_hat * torch.sqrt(tb**2 + (1 - tb) ** 2), encoder_hidden_states=y, timestep=tf,
-                             encoder_attention_mask=mask, return_dict=False)
+                self.teacher(x_fm, encoder_hidden_states=y, timestep=tf, encoder_attention_mask=mask,
+                             return_dict=False)
             except StopForward:
                 pass
             finally:
@@ -270,6 +274,8 @@ def main(argv=None) -> None:
     import numpy as np
     import torch
 
+    from sprintjax import scm
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     model_args(p)
     p.add_argument("--scan", action="store_true", help="sprintjax scans over the blocks (default: unrolled)")
@@ -292,8 +298,6 @@ def main(argv=None) -> None:
     sd = d.cfg.sigma_d
     x0 = batch["latents"] * sd
     x_t = d._mix(x0, rv["z"], rv["t"])
-    from sprintjax import scm
-
     dxt = jax.jit(lambda s: scm.teacher_dxt_dt(d.teacher, s.teacher, s.null_caption, x_t, rv["t"],
                                               batch["caption"], batch["caption_mask"], rv["w"], sd))(state)
     cs = np.cos(rv["t"]) * np.sin(rv["t"])

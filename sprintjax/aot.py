@@ -74,7 +74,8 @@ def compile_steps(config, topology: str) -> dict:
     teacher_sh = tree_shardings(teacher_shapes, mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
     rep = NamedSharding(mesh, PartitionSpec())
     null = jax.ShapeDtypeStruct((rc.data.caption_len, m.caption_channels), jnp.float32, sharding=rep)
-    p = plan(rc, mesh, _abstract(teacher_shapes, teacher_sh), null, teacher_sh)
+    teacher = _abstract(teacher_shapes, teacher_sh)
+    p = plan(rc, mesh, teacher, null, teacher_sh)
     bsh = batch_sharding(mesh)
     batch = {"latents": jax.ShapeDtypeStruct((gb, m.in_channels, m.sample_size, m.sample_size), jnp.float32,
                                              sharding=bsh),
@@ -84,8 +85,7 @@ def compile_steps(config, topology: str) -> dict:
     state = _abstract(p.abstract, p.state_sh)
     it = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     names = [n for n in p.steps if n != "train"] or ["train"]
-    unrolled = plan(dataclasses.replace(rc, model=m.replace(scan_layers=False)), mesh,
-                    _abstract(teacher_shapes, teacher_sh), null, teacher_sh)
+    unrolled = plan(dataclasses.replace(rc, model=m.replace(scan_layers=False)), mesh, teacher, null, teacher_sh)
     report = {}
     for name in names:
         fn = compiled_step(p.steps[name], rc.train.seed, p.state_sh, bsh, rep)
@@ -218,16 +218,12 @@ def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str) -> dic
         return int(sum(np.prod(a.shape, dtype=np.int64) * itemsize for a, s in leaves
                        if any(ax is not None for ax in s.spec)))
 
-    parts = {k: getattr(abstract_state, k, None) for k in ("teacher", "student", "heads")}
-    if step == "train":  # teacher stage: the trained model is `params`
-        parts = {"student": abstract_state.params}
-        shard = {"student": state_sh.params}
-    else:
-        shard = {k: getattr(state_sh, k) for k in parts}
-    trained = {"generator": "student", "discriminator": "heads", "train": "student"}[step]
+    names = ("params",) if step == "train" else ("teacher", "student", "heads")  # teacher stage: `params`
+    parts = {k: (getattr(abstract_state, k), getattr(state_sh, k)) for k in names}
+    trained = {"generator": "student", "discriminator": "heads", "train": "params"}[step]
     item = jnp.dtype(compute_dtype).itemsize
-    read = sum(sharded_bytes(v, shard[k], item) for k, v in parts.items() if v is not None)
-    return {"all-gather": read, "reduce-scatter": sharded_bytes(parts[trained], shard[trained], 4)}
+    read = sum(sharded_bytes(tree, sh, item) for tree, sh in parts.values())
+    return {"all-gather": read, "reduce-scatter": sharded_bytes(*parts[trained], 4)}
 
 
 def _size(n: float) -> str:

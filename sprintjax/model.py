@@ -183,6 +183,7 @@ class SanaTransformer:
         policy = _REMAT[self.config.remat]
         if self.config.remat != "none":
             body = jax.checkpoint(body, policy=policy)
+
         def run(h, start, stop):  # blocks start..stop-1, scanned or unrolled
             if self.config.scan_layers:
                 return jax.lax.scan(body, h, jax.tree.map(lambda a: a[start:stop], stacked))[0]
