@@ -9,8 +9,8 @@ XLA's cost analysis counts a while-loop body once, so for a model that scans its
 `flops` / `optimal_seconds` cover one block per loop. The report therefore also gives `model_flops`: the
 step's FLOPs per device from the same step lowered with the blocks unrolled (no compilation needed), and
 collective bytes read from the compiled HLO with every loop's trip count applied, next to the FSDP minimum
-(each sharded weight the step reads gathered once in the compute dtype, each trained sharded weight's float32
-gradient reduce-scattered once).
+(ZeRO-3 accounting: each sharded weight gathered once for the forward and once for a backward through it,
+each trained weight's float32 gradient reduce-scattered once, or all-reduced where it is replicated).
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _HEAD = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
 _COLL = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _WHILE = re.compile(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_BOUND = re.compile(r"[su]32\[\](?:\{[^}]*\})? constant\((\d+)\)")  # a loop bound; TPU HLO adds a layout
 _CALLS = re.compile(r"(?:calls|true_computation|false_computation)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 
 
@@ -178,7 +179,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     memo: dict[str, collections.Counter] = {}
 
     def trips(cond: str) -> int:
-        bounds = [int(n) for line in comps.get(cond, []) for n in re.findall(r"[su]32\[\] constant\((\d+)\)", line)]
+        bounds = [int(n) for line in comps.get(cond, []) for n in _BOUND.findall(line)]
         return max(bounds, default=1)
 
     def walk(name: str) -> collections.Counter:
@@ -209,21 +210,33 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return {k: int(found.get(k, 0)) for k in COLLECTIVES}
 
 
+# What each step reads, as (tree, passes): one gather per forward use, one more where a backward pass runs
+# through the weights (ZeRO-3 / FSDP frees gathered weights between forward and backward). The generator's
+# backward runs through the student, the teacher (LADD features) and the heads; the discriminator's through
+# the heads only. Heads compute in float32, the transformers in the compute dtype.
+_READS = {"generator": (("student", 2), ("teacher", 2), ("heads", 2)),
+          "discriminator": (("student", 1), ("teacher", 1), ("heads", 2)),
+          "train": (("params", 2),)}
+_TRAINED = {"generator": "student", "discriminator": "heads", "train": "params"}
+
+
 def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str) -> dict[str, int]:
-    """What FSDP must move per device in one step at least: every sharded weight the step reads, gathered once
-    in the compute dtype; every trained sharded weight's float32 gradient, reduce-scattered once."""
-    def sharded_bytes(tree, shardings, itemsize):
+    """What FSDP must move per device in one step at least (ZeRO-3 accounting): every sharded weight gathered
+    once for the forward and once more for a backward through it; every trained sharded weight's float32
+    gradient reduce-scattered once, every trained replicated one's all-reduced once. Several forward calls of
+    one model (e.g. teacher CFG and LADD features) could share one gather, so they count once."""
+    def nbytes(name, itemsize, sharded=True):
+        tree, shardings = getattr(abstract_state, name), getattr(state_sh, name)
         leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "spec")),
                      strict=True)
         return int(sum(np.prod(a.shape, dtype=np.int64) * itemsize for a, s in leaves
-                       if any(ax is not None for ax in s.spec)))
+                       if any(ax is not None for ax in s.spec) == sharded))
 
-    names = ("params",) if step == "train" else ("teacher", "student", "heads")  # teacher stage: `params`
-    parts = {k: (getattr(abstract_state, k), getattr(state_sh, k)) for k in names}
-    trained = {"generator": "student", "discriminator": "heads", "train": "params"}[step]
     item = jnp.dtype(compute_dtype).itemsize
-    read = sum(sharded_bytes(tree, sh, item) for tree, sh in parts.values())
-    return {"all-gather": read, "reduce-scatter": sharded_bytes(*parts[trained], 4)}
+    read = sum(passes * nbytes(name, 4 if name == "heads" else item) for name, passes in _READS[step])
+    trained = _TRAINED[step]
+    return {"all-gather": read, "reduce-scatter": nbytes(trained, 4),
+            "all-reduce": nbytes(trained, 4, sharded=False) if jax.tree.leaves(state_sh)[0].mesh.size > 1 else 0}
 
 
 def _size(n: float) -> str:

@@ -33,6 +33,7 @@ from sprintjax.layers import (
     layer_norm,
 )
 from sprintjax.model_config import ModelConfig
+from sprintjax.sharding import constrain_batch
 
 _REMAT = {
     "none": None,
@@ -163,6 +164,7 @@ class SanaTransformer:
         x_nhwc = jnp.transpose(x, (0, 2, 3, 1))
         tokens, temb6, cond, y = Embed(cfg).apply({"params": {k: params[k] for k in EMBED_KEYS}},
                                                   x_nhwc, timestep, caption, guidance)
+        tokens, y = constrain_batch(tokens), constrain_batch(y)
         y_bias = (1.0 - hi(caption_mask)) * MASK_BIAS
         tokens, feats = self._blocks(params["transformer_blocks"], tokens, temb6, y, y_bias, (hh, ww),
                                      features_after, features_only)
@@ -178,7 +180,7 @@ class SanaTransformer:
         block = Block(self.config, hw)
 
         def body(h, p):
-            return block.apply({"params": p}, h, temb6, y, y_bias), None
+            return constrain_batch(block.apply({"params": p}, h, temb6, y, y_bias)), None
 
         policy = _REMAT[self.config.remat]
         if self.config.remat != "none":

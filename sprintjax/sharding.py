@@ -51,6 +51,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes))
 
 
+def constrain_batch(x):
+    """Shards x's leading (batch) axis over the data-parallel axes of the mesh in context; a no-op outside one.
+
+    Model activations carry it at block boundaries: without it the SPMD partitioner follows the FSDP-sharded
+    weights, shards activations on their feature axis and all-reduces them, instead of gathering each weight.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes)))
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
 

@@ -123,11 +123,13 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
 
 def compiled_step(step_fn, seed: int, state_sh, batch_sh, rep):
     """jit of step(state, batch, iteration) with explicit shardings and the state donated; the RNG of an
-    iteration is fold_in(key(seed), iteration), so a resumed run draws exactly the same numbers."""
+    iteration is fold_in(key(seed), iteration), so a resumed run draws exactly the same numbers. The step is
+    traced under the batch sharding's mesh, so model activations keep their batch sharding (constrain_batch)."""
     base = jax.random.key_data(jax.random.key(seed))
 
     def run(state, batch, iteration):
-        return step_fn(state, batch, jax.random.fold_in(jax.random.wrap_key_data(base), iteration))
+        with jax.sharding.use_abstract_mesh(batch_sh.mesh.abstract_mesh):
+            return step_fn(state, batch, jax.random.fold_in(jax.random.wrap_key_data(base), iteration))
 
     return jax.jit(run, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep), donate_argnums=0)
 
