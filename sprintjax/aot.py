@@ -9,8 +9,8 @@ XLA's cost analysis counts a while-loop body once, so for a model that scans its
 `flops` / `optimal_seconds` cover one block per loop. The report therefore also gives `model_flops`: the
 step's FLOPs per device from the same step lowered with the blocks unrolled (no compilation needed), and
 collective bytes read from the compiled HLO with every loop's trip count applied, next to the FSDP minimum
-(ZeRO-3 accounting: each sharded weight gathered once for the forward and once for a backward through it,
-each trained weight's float32 gradient reduce-scattered once, or all-reduced where it is replicated).
+(ZeRO-3 accounting: each sharded weight gathered once per call of its model and once more per backward
+through a call, each trained weight's float32 gradient reduce-scattered once, or all-reduced if replicated).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def compile_steps(config, topology: str) -> dict:
             "optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
             "model_flops": float(model_flops),
             "collective_bytes": collective_bytes(compiled.as_text()),
-            "fsdp_minimum_bytes": fsdp_minimum(p.abstract, p.state_sh, name, m.dtype),
+            "fsdp_minimum_bytes": fsdp_minimum(p.abstract, p.state_sh, name, m.dtype, rc.distill),
         }
         report[name].update(_bound(report[name], topology.partition(":")[0]))
     return report
@@ -210,21 +210,22 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return {k: int(found.get(k, 0)) for k in COLLECTIVES}
 
 
-# What each step reads, as (tree, passes): one gather per forward use, one more where a backward pass runs
-# through the weights (ZeRO-3 / FSDP frees gathered weights between forward and backward). The generator's
-# backward runs through the student, the teacher (LADD features) and the heads; the discriminator's through
-# the heads only. Heads compute in float32, the transformers in the compute dtype.
-_READS = {"generator": (("student", 2), ("teacher", 2), ("heads", 2)),
-          "discriminator": (("student", 1), ("teacher", 1), ("heads", 2)),
-          "train": (("params", 2),)}
-_TRAINED = {"generator": "student", "discriminator": "heads", "train": "params"}
+def _gathers(step: str, d) -> dict[str, int]:
+    """How often FSDP gathers each model in one step: once per call, once more per backward through a call."""
+    if step == "train":
+        return {"params": 2}
+    scm_calls, ladd = (2 if d.scm_form == "two_pass" else 1) * d.use_scm, int(d.use_ladd)
+    if step == "generator":  # student: sCM (+ plain forward) and LADD denoise; teacher: CFG tangent, features
+        return {"student": scm_calls + ladd + d.use_scm + ladd, "teacher": d.use_scm + 2 * ladd,
+                "heads": 2 * ladd}
+    return {"student": 1, "teacher": 2, "heads": 4}  # teacher on fakes and on reals; heads forward + backward each
 
 
-def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str) -> dict[str, int]:
-    """What FSDP must move per device in one step at least (ZeRO-3 accounting): every sharded weight gathered
-    once for the forward and once more for a backward through it; every trained sharded weight's float32
-    gradient reduce-scattered once, every trained replicated one's all-reduced once. Several forward calls of
-    one model (e.g. teacher CFG and LADD features) could share one gather, so they count once."""
+def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str, distill=None) -> dict[str, int]:
+    """What FSDP must move per device in one step (ZeRO-3 accounting, as PyTorch FSDP moves it): every sharded
+    weight gathered once per call of its model and once more per backward through a call (transformers in the
+    compute dtype, heads in float32); every trained sharded weight's float32 gradient reduce-scattered once,
+    every trained replicated one's all-reduced once."""
     def nbytes(name, itemsize, sharded=True):
         tree, shardings = getattr(abstract_state, name), getattr(state_sh, name)
         leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "spec")),
@@ -233,8 +234,8 @@ def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str) -> dic
                        if any(ax is not None for ax in s.spec) == sharded))
 
     item = jnp.dtype(compute_dtype).itemsize
-    read = sum(passes * nbytes(name, 4 if name == "heads" else item) for name, passes in _READS[step])
-    trained = _TRAINED[step]
+    read = sum(n * nbytes(name, 4 if name == "heads" else item) for name, n in _gathers(step, distill).items())
+    trained = {"generator": "student", "discriminator": "heads", "train": "params"}[step]
     return {"all-gather": read, "reduce-scatter": nbytes(trained, 4),
             "all-reduce": nbytes(trained, 4, sharded=False) if jax.tree.leaves(state_sh)[0].mesh.size > 1 else 0}
 

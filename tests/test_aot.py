@@ -38,8 +38,8 @@ def test_tiny_distillation_compiles_for_a_v5p_topology(tmp_path):
     assert report["generator"]["mesh"] == {"data": 2, "fsdp": 2}
     assert report["generator"]["optimal_seconds"] > 0  # a TPU cost model figure
     assert 0 < report["generator"]["mfu_bound"] and report["generator"]["collective_bytes"]["all-gather"] > 0
-    for r in report.values():  # activations stay batch-sharded: FSDP gathers weights (2.7x / 3.8x without)
-        assert sum(r["collective_bytes"].values()) < 1.5 * sum(r["fsdp_minimum_bytes"].values())
+    for r in report.values():  # activations stay batch-sharded: FSDP gathers weights (1.7x / 2.5x without)
+        assert sum(r["collective_bytes"].values()) < 1.2 * sum(r["fsdp_minimum_bytes"].values())
     assert "arguments" in out.stdout and "temporaries" in out.stdout
 
 
