@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sprintjax.aot import CHIPS
+
 CONFIGS = {"600m": "configs/sana_sprint_600m_1024.py", "1600m": "configs/sana_sprint_1600m_1024.py"}
 TOPOLOGIES = {("v5p", 32): "v5p:4x4x2", ("v5p", 64): "v5p:4x4x4", ("v6e", 32): "v6e:4x8", ("v6e", 64): "v6e:8x8"}
 MATRIX = [(m, chip, n, {}) for m, chip, n in (("600m", "v5p", 32), ("1600m", "v6e", 32), ("600m", "v5p", 64),
@@ -61,10 +63,12 @@ def table(rows) -> str:
                 out.append(f"| {name} | {step} | does not fit: {r['does_not_fit']} |" + " |" * 9)
                 continue
             moved, least = sum(r["collective_bytes"].values()), sum(r["fsdp_minimum_bytes"].values())
+            bound = (f"{r['optimal_seconds_scaled'] * 1e3:.0f} | {r['mfu_bound']:.2f}" if r["optimal_seconds"] > 0
+                     else "n/a | n/a")  # libtpu's cost model sometimes reports a negative time: no bound
+            hbm = next(v[1] for k, v in CHIPS.items() if name.split("-")[1] == k) / gib
             out.append(f"| {name} | {step} | {r['argument_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.2f} | "
-                       f"{r['peak_bytes_estimate'] / gib:.1f} / {r['hbm_bytes'] / gib:.0f} | "
-                       f"{r['model_flops'] / 1e12:.1f} | {r['optimal_seconds_scaled'] * 1e3:.0f} | "
-                       f"{r['mfu_bound']:.2f} | {moved / gib:.2f} | {least / gib:.2f} | {moved / least:.2f} |")
+                       f"{r['peak_bytes_estimate'] / gib:.1f} / {hbm:.0f} | {r['model_flops'] / 1e12:.1f} | "
+                       f"{bound} | {moved / gib:.2f} | {least / gib:.2f} | {moved / least:.2f} |")
     return "\n".join(out)
 
 

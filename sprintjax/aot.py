@@ -130,13 +130,16 @@ def _global_flops(step_fn, seed: int, args) -> float:
 
 
 def _bound(r: dict, chip: str) -> dict:
-    """The compiler's optimal time scaled from the compiled program's FLOPs (loop bodies once) to the model's,
-    and the model-FLOP utilisation that time would give: an upper bound on MFU (1.0 = compute-bound)."""
-    if chip not in CHIPS or not r["flops"] > 0:
+    """The chip's HBM and peak FLOP/s; the compiler's optimal time scaled from the compiled program's FLOPs
+    (loop bodies once) to the model's, and the model-FLOP utilisation that time would give: an upper bound on
+    MFU (1.0 = compute-bound). libtpu's cost model sometimes reports a negative time: then no bound."""
+    if chip not in CHIPS:
         return {}
-    seconds = r["optimal_seconds"] * r["model_flops"] / r["flops"]
-    return {"peak_flops": CHIPS[chip][0], "hbm_bytes": CHIPS[chip][1], "optimal_seconds_scaled": seconds,
-            "mfu_bound": r["model_flops"] / (seconds * CHIPS[chip][0])}
+    out = {"peak_flops": CHIPS[chip][0], "hbm_bytes": CHIPS[chip][1]}
+    if r["flops"] > 0 and r["optimal_seconds"] > 0:
+        seconds = r["optimal_seconds"] * r["model_flops"] / r["flops"]
+        out.update(optimal_seconds_scaled=seconds, mfu_bound=r["model_flops"] / (seconds * CHIPS[chip][0]))
+    return out
 
 
 def _cost(stage) -> dict:
@@ -265,8 +268,8 @@ def format_report(report: dict, topology: str) -> str:
         lines.append(f"  {'':14s} model {r['model_flops'] / 1e12:.4g} TFLOP per device (blocks unrolled); "
                      f"collectives {_size(moved)} ({kinds or 'none'}) = {moved / max(least, 1):.2f}x the FSDP "
                      f"minimum {_size(least)}")
-        if "mfu_bound" in r:
-            lines.append(f"  {'':14s} optimal time scaled to the model FLOPs "
-                         f"{r['optimal_seconds_scaled'] * 1e3:.3g} ms: MFU bound {r['mfu_bound']:.2f}; "
-                         f"peak ~{_size(r['peak_bytes_estimate'])} of {_size(r['hbm_bytes'])} HBM")
+        if "hbm_bytes" in r:
+            bound = (f"optimal time scaled to the model FLOPs {r['optimal_seconds_scaled'] * 1e3:.3g} ms: MFU bound "
+                     f"{r['mfu_bound']:.2f}" if "mfu_bound" in r else "no MFU bound (negative optimal time)")
+            lines.append(f"  {'':14s} {bound}; peak ~{_size(r['peak_bytes_estimate'])} of {_size(r['hbm_bytes'])} HBM")
     return "\n".join(lines)
