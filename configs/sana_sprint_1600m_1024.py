@@ -1,5 +1,8 @@
 """SANA-Sprint 1.6B at 1024px: the official recipe (facts §6) around the 1.6B teacher trunk.
-arg: the global batch (default 512)."""
+arg: the global batch (default 512). On 32 v6e chips (32 GiB HBM) the generator step needs `remat=full`
+(`sprintjax compile` measured 90 GiB of temporaries with `dots`, 22.4 GiB with `full`; BENCHMARKS.md §3):
+    sprintjax train --config configs/sana_sprint_1600m_1024.py --config.model.remat=full ...
+"""
 
 from sprintjax.configlib import official_recipe
 
