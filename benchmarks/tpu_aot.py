@@ -28,6 +28,7 @@ MATRIX = [(m, chip, n, {}) for m, chip, n in (("600m", "v5p", 32), ("1600m", "v6
                                               ("600m", "v6e", 64), ("1600m", "v6e", 64))]
 VARIANTS = [  # before/after figures of the sCM form and the remat policy
     ("600m", "v5p", 32, {"distill.scm_form": "two_pass"}),
+    ("600m", "v6e", 32, {"model.remat": "full"}),
     ("1600m", "v6e", 32, {"model.remat": "full"}),
 ]
 
