@@ -64,7 +64,7 @@ def table(rows) -> str:
             moved, least = sum(r["collective_bytes"].values()), sum(r["fsdp_minimum_bytes"].values())
             bound = (f"{r['optimal_seconds_scaled'] * 1e3:.0f} | {r['mfu_bound']:.2f}" if r["optimal_seconds"] > 0
                      else "n/a | n/a")  # libtpu's cost model sometimes reports a negative time: no bound
-            hbm = next(v[1] for k, v in CHIPS.items() if name.split("-")[1] == k) / gib
+            hbm = CHIPS[name.split("-")[1]][1] / gib
             out.append(f"| {name} | {step} | {r['argument_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.2f} | "
                        f"{r['peak_bytes_estimate'] / gib:.1f} / {hbm:.0f} | {r['model_flops'] / 1e12:.1f} | "
                        f"{bound} | {moved / gib:.2f} | {least / gib:.2f} | {moved / least:.2f} |")

@@ -217,14 +217,16 @@ def _gathers(step: str, d) -> dict[str, int]:
     """How often FSDP gathers each model in one step: once per call, once more per backward through a call."""
     if step == "train":
         return {"params": 2}
-    scm_calls, ladd = (2 if d.scm_form == "two_pass" else 1) * d.use_scm, int(d.use_ladd)
-    if step == "generator":  # student: sCM (+ plain forward) and LADD denoise; teacher: CFG tangent, features
-        return {"student": scm_calls + ladd + d.use_scm + ladd, "teacher": d.use_scm + 2 * ladd,
-                "heads": 2 * ladd}
+    scm, ladd = int(d.use_scm), int(d.use_ladd)
+    if step == "generator":
+        # student: the sCM JVP (and a plain forward when two-pass) and the LADD denoise, each with a backward;
+        # teacher: the CFG tangent and the LADD features, with the features' backward; heads: forward, backward
+        forwards = scm * (2 if d.scm_form == "two_pass" else 1) + ladd
+        return {"student": forwards + scm + ladd, "teacher": scm + 2 * ladd, "heads": 2 * ladd}
     return {"student": 1, "teacher": 2, "heads": 4}  # teacher on fakes and on reals; heads forward + backward each
 
 
-def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str, distill=None) -> dict[str, int]:
+def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str, distill) -> dict[str, int]:
     """What FSDP must move per device in one step (ZeRO-3 accounting, as PyTorch FSDP moves it): every sharded
     weight gathered once per call of its model and once more per backward through a call (transformers in the
     compute dtype, heads in float32); every trained sharded weight's float32 gradient reduce-scattered once,
