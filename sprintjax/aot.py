@@ -154,8 +154,11 @@ _DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf1
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _HEAD = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
 _COLL = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_WHILE = re.compile(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
-_BOUND = re.compile(r"[su]32\[\](?:\{[^}]*\})? constant\((\d+)\)")  # a loop bound; TPU HLO adds a layout
+_WHILE = re.compile(r" while\(%([\w.\-]+)\).*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
+_OPERANDS = re.compile(r"%([\w.\-]+)")
+_CONST = re.compile(r"[su]32\[\](?:\{[^}]*\})? constant\((-?\d+)\)")  # TPU HLO adds a layout
+_INDEX = re.compile(r"get-tuple-element\(%[\w.\-]+\), index=(\d+)")
 _CALLS = re.compile(r"(?:calls|true_computation|false_computation)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 
 
@@ -164,34 +167,68 @@ def _array_bytes(type_str: str) -> list[int]:
             for dt, dims in _ARRAY.findall(type_str)]
 
 
+def _op(rhs: str, name: str) -> list[str] | None:
+    """The operand names of an instruction `name(...)`, or None if rhs is another instruction."""
+    m = re.search(r"\s" + re.escape(name) + r"\(([^)]*)\)", rhs)
+    return _OPERANDS.findall(m.group(1)) if m else None
+
+
+class _Module:
+    """The computations of an HLO text: per computation its instructions (name -> right-hand side) and root."""
+
+    def __init__(self, hlo_text: str):
+        self.defs: dict[str, dict[str, str]] = {}
+        self.roots: dict[str, str] = {}
+        self.entry, cur = None, None
+        for line in hlo_text.splitlines():
+            head = _HEAD.match(line)
+            if head:
+                cur = head.group(1)
+                self.defs[cur] = {}
+                self.entry = cur if line.startswith("ENTRY") else self.entry
+            elif line.strip() == "}":
+                cur = None
+            elif cur is not None and (d := _DEF.match(line)):
+                self.defs[cur][d.group(1)] = d.group(2)
+                if line.lstrip().startswith("ROOT "):
+                    self.roots[cur] = d.group(1)
+
+    def _const(self, comp: str, name: str) -> int | None:
+        m = _CONST.search(self.defs[comp].get(name, ""))
+        return int(m.group(1)) if m else None
+
+    def trips(self, caller: str, init: str, cond: str, body: str) -> int:
+        """A while loop's trip count from its induction variable: `i < N` in the condition's root compare, the
+        step `i + s` in the body's root tuple, the start in the operand tuple (XLA's windowed einsums count
+        by 2). Falls back to the condition's largest integer constant."""
+        rhs = self.defs.get(cond, {}).get(self.roots.get(cond, ""), "")
+        args = _op(rhs, "compare")
+        fallback = max((int(n) for r in self.defs.get(cond, {}).values() for n in _CONST.findall(r)), default=1)
+        if not args or len(args) != 2 or "direction=LT" not in rhs:
+            return fallback
+        index, bound = _INDEX.search(self.defs[cond].get(args[0], "")), self._const(cond, args[1])
+        if index is None or bound is None:
+            return fallback
+        k, step, start = int(index.group(1)), 1, 0
+        root = _op(self.defs[body].get(self.roots.get(body, ""), ""), "tuple") or []
+        if k < len(root) and (add := _op(self.defs[body].get(root[k], ""), "add")):
+            step = next((c for a in add if (c := self._const(body, a)) is not None), 1)
+        first = _op(self.defs[caller].get(init, ""), "tuple") or []
+        if k < len(first):
+            start = self._const(caller, first[k]) or 0
+        return max(0, -(-(bound - start) // max(step, 1)))
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Per-device payload bytes of each collective kind in one run of a compiled (partitioned) HLO module:
-    an all-gather's result, the operand of the others, times the trip count of every enclosing while loop
-    (read from the loop condition's integer bound)."""
-    comps, entry, cur = {}, None, None
-    for line in hlo_text.splitlines():
-        head = _HEAD.match(line)
-        if head:
-            cur = head.group(1)
-            comps[cur] = []
-            entry = cur if line.startswith("ENTRY") else entry
-        elif line.strip() == "}":
-            cur = None
-        elif cur is not None:
-            comps[cur].append(line)
+    an all-gather's result, the operand of the others, times the trip count of every enclosing while loop."""
+    mod = _Module(hlo_text)
     memo: dict[str, collections.Counter] = {}
-
-    def trips(cond: str) -> int:
-        bounds = [int(n) for line in comps.get(cond, []) for n in _BOUND.findall(line)]
-        return max(bounds, default=1)
 
     def walk(name: str) -> collections.Counter:
         if name not in memo:
             acc = memo[name] = collections.Counter()
-            for line in comps.get(name, []):
-                if " = " not in line:
-                    continue
-                rhs = line.split(" = ", 1)[1]
+            for rhs in mod.defs.get(name, {}).values():
                 op = _COLL.search(" " + rhs)
                 if op:
                     sizes = _array_bytes(rhs[:op.start()])
@@ -199,17 +236,18 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                         acc[op.group(1)] += max(sizes) if op.group(1) == "all-gather" else sizes[0]
                     else:
                         acc[op.group(1)] += sum(sizes)
-                loop = _WHILE.search(line)
+                loop = _WHILE.search(" " + rhs)
                 if loop:
-                    for k, v in walk(loop.group(2)).items():
-                        acc[k] += trips(loop.group(1)) * v
+                    n = mod.trips(name, *loop.groups())
+                    for k, v in walk(loop.group(3)).items():
+                        acc[k] += n * v
                     continue
-                for single, branches in _CALLS.findall(line):
-                    for callee in [single] if single else re.findall(r"%([\w.\-]+)", branches):
+                for single, branches in _CALLS.findall(rhs):
+                    for callee in [single] if single else _OPERANDS.findall(branches):
                         acc.update(walk(callee))
         return memo[name]
 
-    found = walk(entry) if entry else collections.Counter()
+    found = walk(mod.entry) if mod.entry else collections.Counter()
     return {k: int(found.get(k, 0)) for k in COLLECTIVES}
 
 

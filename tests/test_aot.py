@@ -66,8 +66,25 @@ HLO = """
 %fused (a: f32[2]) -> f32[2] {
   %rs = f32[2,64]{1,0} reduce-scatter(%a), dimensions={0}
 }
+%wcond (p: (f32[4], u32[])) -> pred[] {
+  %p = (f32[4], u32[]) parameter(0)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=1
+  %n = u32[]{:T(128)} constant(7)
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+%wbody (p: (f32[4], u32[])) -> (f32[4], u32[]) {
+  %p = (f32[4], u32[]) parameter(0)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=1
+  %two = u32[]{:T(128)} constant(2)
+  %cp = (f32[4]{0}, f32[4]{0}, u32[]{:S(2)}) collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}
+  %next = u32[]{:T(128)} add(%i, %two)
+  ROOT %out = (f32[4], u32[]) tuple(%x, /*index=1*/%next)
+}
 ENTRY %main (a: f32[8]) -> f32[8] {
   %w = (s32[], f32[8]) while(%init), condition=%cond.1, body=%body.1
+  %one = u32[]{:T(128)} constant(1)
+  %start = (f32[4], u32[]) tuple(%a, %one)
+  %windowed = (f32[4], u32[]) while(%start), condition=%wcond, body=%wbody
   %ar = (f32[10]{0}, f32[6]{0}) all-reduce(%u, %v), to_apply=%add
   %f = f32[2] fusion(%a), kind=kLoop, calls=%fused
 }
@@ -79,7 +96,8 @@ def test_collective_bytes_count_every_loop_trip():
 
     got = collective_bytes(HLO)
     assert got["all-gather"] == 28 * 4 * 256 * 2  # bf16 result, 28 trips
-    assert got["collective-permute"] == 28 * 3 * 16 * 4  # 28 x 3 trips (TPU layout on the bound)
+    # 28 x 3 trips (TPU layout on the bound), then a windowed-einsum-like loop: i = 1, 3, 5 (< 7), 3 trips
+    assert got["collective-permute"] == 28 * 3 * 16 * 4 + 3 * 4 * 4
     assert got["all-reduce"] == (10 + 6) * 4 and got["reduce-scatter"] == 2 * 64 * 4  # inside a fusion call
     assert got["all-to-all"] == 0
 
