@@ -3,11 +3,11 @@
     python benchmarks/tpu_aot.py [--out runs/bench/tpu_aot] [--only 600m-v5p-64,...]
 
 Runs `sprintjax compile` for the official 1024px recipes (32x32 latents, 300 caption tokens, global batch 512)
-of the 0.6B and 1.6B presets on v5p and v6e topologies of 32 and 64 chips, and for before/after variants (the
-two-pass sCM form, remat `full` instead of `dots`). Each run is a subprocess that
-writes its JSON report (resumable: finished runs are kept); the script then prints one markdown table of
-per-device memory, FLOPs, the compiler's optimal time, the MFU bound and collective bytes against the FSDP
-minimum.
+of the 0.6B and 1.6B presets on v5p and v6e topologies of 32 and 64 chips, and for before/after variants (remat
+`full` instead of `dots`, a replicated teacher, the two-pass sCM form). Each run is a subprocess that writes its
+JSON report and the compiled HLO texts (NAME/STEP.hlo.txt; resumable: finished runs are kept); the script then
+prints one markdown table of per-device memory, FLOPs, the compiler's optimal time, the MFU bound and
+collective bytes against the FSDP minimum.
 """
 
 from __future__ import annotations
@@ -23,18 +23,21 @@ from sprintjax.aot import CHIPS
 
 CONFIGS = {"600m": "configs/sana_sprint_600m_1024.py", "1600m": "configs/sana_sprint_1600m_1024.py"}
 TOPOLOGIES = {("v5p", 32): "v5p:4x4x2", ("v5p", 64): "v5p:4x4x4", ("v6e", 32): "v6e:4x8", ("v6e", 64): "v6e:8x8"}
-MATRIX = [(m, chip, n, {}) for m, chip, n in (("600m", "v5p", 32), ("1600m", "v6e", 32), ("600m", "v5p", 64),
-                                              ("1600m", "v5p", 64), ("600m", "v6e", 32), ("1600m", "v5p", 32),
+MATRIX = [(m, chip, n, {}) for m, chip, n in (("600m", "v5p", 32), ("1600m", "v5p", 32), ("600m", "v6e", 32),
+                                              ("1600m", "v6e", 32), ("600m", "v5p", 64), ("1600m", "v5p", 64),
                                               ("600m", "v6e", 64), ("1600m", "v6e", 64))]
-VARIANTS = [  # before/after figures of the sCM form and the remat policy
-    ("600m", "v5p", 32, {"distill.scm_form": "two_pass"}),
+REPLICATED_TEACHER = '((".*", "replicate"),)'
+VARIANTS = [  # before/after figures of the remat policy, where the teacher lives and the sCM form
     ("600m", "v6e", 32, {"model.remat": "full"}),
     ("1600m", "v6e", 32, {"model.remat": "full"}),
+    ("600m", "v5p", 32, {"sharding.teacher_rules": REPLICATED_TEACHER}),
+    ("600m", "v5p", 32, {"distill.scm_form": "two_pass"}),
 ]
+SHORT = {REPLICATED_TEACHER: "replicated"}  # run names for override values that are not plain words
 
 
 def run_name(model, chip, n, overrides) -> str:
-    return "-".join([model, chip, str(n), *(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())])
+    return "-".join([model, chip, str(n), *(f"{k.split('.')[-1]}={SHORT.get(v, v)}" for k, v in overrides.items())])
 
 
 def run_one(out: Path, model, chip, n, overrides) -> dict | None:
@@ -42,7 +45,7 @@ def run_one(out: Path, model, chip, n, overrides) -> dict | None:
     if not path.exists():
         sprintjax = str(Path(sys.executable).parent / "sprintjax")
         cmd = [sprintjax, "compile", "--config", CONFIGS[model], "--topology", TOPOLOGIES[chip, n], "--json",
-               str(path), *(f"--config.{k}={v}" for k, v in overrides.items())]
+               str(path), "--hlo", str(path.with_suffix("")), *(f"--config.{k}={v}" for k, v in overrides.items())]
         print("$", " ".join(cmd[1:]), flush=True)
         done = subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
         print(done.stdout.split("figures per device\n", 1)[-1], flush=True)

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sprintjax.configlib import RunConfig, resolve
 from sprintjax.errors import ConfigError
+from sprintjax.fileio import atomic_write_bytes
 from sprintjax.model import SanaTransformer
 from sprintjax.sharding import batch_sharding, data_parallel_size, make_mesh, tree_shardings
 
@@ -59,8 +60,9 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def compile_steps(config, topology: str) -> dict:
-    """{step name: {memory and cost figures per device}} for each training step of the config's stage."""
+def compile_steps(config, topology: str, hlo_dir: str | None = None) -> dict:
+    """{step name: {memory and cost figures per device}} for each training step of the config's stage;
+    with `hlo_dir`, each compiled program's HLO text is also written there as `STEP.hlo.txt`."""
     from sprintjax.train import compiled_step, plan
 
     rc: RunConfig = resolve(config)
@@ -97,7 +99,10 @@ def compile_steps(config, topology: str) -> dict:
             report[name] = {"devices": mesh.size, "mesh": dict(mesh.shape), "global_batch": gb,
                             "does_not_fit": str(e).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0]}
             continue
-        mem, cost = compiled.memory_analysis(), _cost(compiled)
+        mem, cost, text = compiled.memory_analysis(), _cost(compiled), compiled.as_text()
+        found = collectives(text)
+        if hlo_dir:
+            atomic_write_bytes(os.path.join(hlo_dir, f"{name}.hlo.txt"), text.encode())
         model_flops = _global_flops(unrolled.steps[name], rc.train.seed, (state, batch, it)) / mesh.size
         report[name] = {
             "devices": mesh.size, "mesh": dict(mesh.shape), "global_batch": gb,
@@ -110,7 +115,7 @@ def compile_steps(config, topology: str) -> dict:
             "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
             "optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
             "model_flops": float(model_flops),
-            "collective_bytes": collective_bytes(compiled.as_text()),
+            "collective_bytes": by_kind(found), "collective_bytes_by_scope": by_scope(found),
             "fsdp_minimum_bytes": fsdp_minimum(p.abstract, p.state_sh, name, m.dtype, rc.distill),
         }
         report[name].update(_bound(report[name], topology.partition(":")[0]))
@@ -159,6 +164,7 @@ _DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
 _OPERANDS = re.compile(r"%([\w.\-]+)")
 _CONST = re.compile(r"[su]32\[\](?:\{[^}]*\})? constant\((-?\d+)\)")  # TPU HLO adds a layout
 _INDEX = re.compile(r"get-tuple-element\(%[\w.\-]+\), index=(\d+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"(?:calls|true_computation|false_computation)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 
 
@@ -219,9 +225,23 @@ class _Module:
         return max(0, -(-(bound - start) // max(step, 1)))
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Per-device payload bytes of each collective kind in one run of a compiled (partitioned) HLO module:
-    an all-gather's result, the operand of the others, times the trip count of every enclosing while loop."""
+def _scope(rhs: str) -> str:
+    """The named scope an instruction was traced under (distill.py names each model call), from its op_name:
+    `jit(run)/transpose(jvp(student_scm))/...` -> `student_scm backward`; `(top level)` for an op outside
+    any scope, `(no op_name)` for one the compiler inserted (e.g. resharding between ops)."""
+    m = _OP_NAME.search(rhs)
+    if not m:
+        return "(no op_name)"
+    parts = m.group(1).split("/")
+    inner = re.fullmatch(r"(?:\w+\()*(\w*)\)*", parts[1]) if len(parts) > 2 else None
+    if not inner or not inner.group(1):
+        return "(top level)"
+    return inner.group(1) + (" backward" if parts[1].startswith("transpose(") else "")
+
+
+def collectives(hlo_text: str) -> collections.Counter:
+    """Per-device payload bytes of one run of a compiled (partitioned) HLO module by (collective kind, named
+    scope): an all-gather's result, the operand of the others, times the trip count of every enclosing loop."""
     mod = _Module(hlo_text)
     memo: dict[str, collections.Counter] = {}
 
@@ -233,9 +253,10 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                 if op:
                     sizes = _array_bytes(rhs[:op.start()])
                     if op.group(2):  # an async start's tuple: (operands, results, context)
-                        acc[op.group(1)] += max(sizes) if op.group(1) == "all-gather" else sizes[0]
+                        n = max(sizes) if op.group(1) == "all-gather" else sizes[0]
                     else:
-                        acc[op.group(1)] += sum(sizes)
+                        n = sum(sizes)
+                    acc[op.group(1), _scope(rhs)] += n
                 loop = _WHILE.search(" " + rhs)
                 if loop:
                     n = mod.trips(name, *loop.groups())
@@ -247,8 +268,28 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                         acc.update(walk(callee))
         return memo[name]
 
-    found = walk(mod.entry) if mod.entry else collections.Counter()
-    return {k: int(found.get(k, 0)) for k in COLLECTIVES}
+    return walk(mod.entry) if mod.entry else collections.Counter()
+
+
+def by_kind(found: collections.Counter) -> dict[str, int]:
+    """Collective bytes (from `collectives`) summed by kind."""
+    out = dict.fromkeys(COLLECTIVES, 0)
+    for (kind, _), n in found.items():
+        out[kind] += int(n)
+    return out
+
+
+def by_scope(found: collections.Counter) -> dict[str, int]:
+    """Collective bytes (from `collectives`) summed by named scope, largest first."""
+    out = collections.Counter()
+    for (_, scope), n in found.items():
+        out[scope] += int(n)
+    return dict(out.most_common())
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Per-device collective bytes of one run of a compiled HLO module, by kind."""
+    return by_kind(collectives(hlo_text))
 
 
 def _gathers(step: str, d) -> dict[str, int]:
@@ -308,6 +349,8 @@ def format_report(report: dict, topology: str) -> str:
         lines.append(f"  {'':14s} model {r['model_flops'] / 1e12:.4g} TFLOP per device (blocks unrolled); "
                      f"collectives {_size(moved)} ({kinds or 'none'}) = {moved / max(least, 1):.2f}x the FSDP "
                      f"minimum {_size(least)}")
+        scopes = ", ".join(f"{k} {_size(v)}" for k, v in r["collective_bytes_by_scope"].items() if v)
+        lines.append(f"  {'':14s} collectives by model call: {scopes or 'none'}")
         if "hbm_bytes" in r:
             bound = (f"optimal time scaled to the model FLOPs {r['optimal_seconds_scaled'] * 1e3:.3g} ms: MFU bound "
                      f"{r['mfu_bound']:.2f}" if "mfu_bound" in r else "no MFU bound (negative optimal time)")

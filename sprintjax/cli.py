@@ -165,7 +165,7 @@ def cmd_compile(a, overrides):
 
     cfg = _run_config(a, overrides)
     print(f"compiling the training steps of {a.config} for {a.topology} ...", flush=True)
-    report = compile_steps(cfg, a.topology)
+    report = compile_steps(cfg, a.topology, hlo_dir=a.hlo)
     print(format_report(report, a.topology))
     if a.json:
         from sprintjax.fileio import atomic_write_bytes
@@ -353,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="config file and variant")
     s.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v6e:8x8, or cpu:8")
     s.add_argument("--json", help="also write the figures as JSON here")
+    s.add_argument("--hlo", help="also write each step's compiled HLO text into this folder (STEP.hlo.txt)")
     s.set_defaults(fn=cmd_compile, takes_overrides=True)
 
     s = sub.add_parser("demo", help="the main job: distil the shipped shapes teacher, benchmark it (make demo)",

@@ -151,19 +151,24 @@ class Distiller:
         if cfg.use_scm:
             t = rv["t"]
             x_t = self._mix(x0, rv["z"], t)
-            dxt_dt = jax.lax.stop_gradient(scm.teacher_dxt_dt(self.teacher, teacher_params, state.null_caption,
-                                                              x_t, t, y, mask, w, sd))
+            with jax.named_scope("teacher_cfg"):
+                dxt_dt = jax.lax.stop_gradient(scm.teacher_dxt_dt(self.teacher, teacher_params, state.null_caption,
+                                                                  x_t, t, y, mask, w, sd))
             r = jnp.minimum(1.0, (state.step + 1) / cfg.tangent_warmup_steps)  # tangent warmup
-            loss, metrics = scm.scm_loss(self.student, student_params, x_t, t, dxt_dt, y, mask, w, r, cfg)
+            with jax.named_scope("student_scm"):
+                loss, metrics = scm.scm_loss(self.student, student_params, x_t, t, dxt_dt, y, mask, w, r, cfg)
             total = total + cfg.scm_weight * loss
             metrics["tangent_warmup"] = r
         if cfg.use_ladd:
             t2, t_d = rv["t2"], rv["t_d"]
-            x0_hat = scm.denoise(self.student, student_params, self._mix(x0, rv["z2"], t2), t2, y, mask, w, sd)
-            feats = ladd.teacher_features(self.teacher, teacher_params, self._mix(x0_hat, rv["z_d"], t_d) / sd, t_d,
-                                          y, mask, self.blocks)
-            logits, _ = ladd.heads_logits(jax.lax.stop_gradient(state.heads), state.heads_state, feats,
-                                          self.blocks, virtual_batch=cfg.disc_virtual_batch)
+            with jax.named_scope("student_ladd"):
+                x0_hat = scm.denoise(self.student, student_params, self._mix(x0, rv["z2"], t2), t2, y, mask, w, sd)
+            with jax.named_scope("teacher_features"):
+                feats = ladd.teacher_features(self.teacher, teacher_params, self._mix(x0_hat, rv["z_d"], t_d) / sd,
+                                              t_d, y, mask, self.blocks)
+            with jax.named_scope("heads"):
+                logits, _ = ladd.heads_logits(jax.lax.stop_gradient(state.heads), state.heads_state, feats,
+                                              self.blocks, virtual_batch=cfg.disc_virtual_batch)
             adv = ladd.generator_adv_loss(logits)
             total = total + cfg.adv_weight * adv
             metrics["adv_loss"] = adv
@@ -192,8 +197,9 @@ class Distiller:
         k_w, k_t, k_z, k_tf, k_zf, k_tr, k_zr, k_ts, k_zs = jax.random.split(rng, 9)
         w = self._guidance(k_w, b)
         t_g = self._student_time(k_t, b)
-        fake = jax.lax.stop_gradient(scm.denoise(self.student, state.student, self._noise(k_z, x0, t_g), t_g,
-                                                 y, mask, w, sd))
+        with jax.named_scope("student_fake"):
+            fake = jax.lax.stop_gradient(scm.denoise(self.student, state.student, self._noise(k_z, x0, t_g), t_g,
+                                                     y, mask, w, sd))
         t_fake = self._d_time(k_tf, b)
         t_real = self._d_time(k_tr, b) if cfg.independent_d_times else t_fake
         fakes, t_fakes, y_f, mask_f = self._noise(k_zf, fake, t_fake), t_fake, y, mask
@@ -204,14 +210,17 @@ class Distiller:
             y_f, mask_f = jnp.concatenate([y, y]), jnp.concatenate([mask, mask])
         teacher_params = jax.lax.stop_gradient(state.teacher)
         feats = functools.partial(ladd.teacher_features, self.teacher, teacher_params, blocks=self.blocks)
-        f_fake = jax.lax.stop_gradient(feats(fakes / sd, t_fakes, y_f, mask_f))
-        f_real = jax.lax.stop_gradient(feats(self._noise(k_zr, x0, t_real) / sd, t_real, y, mask))
+        with jax.named_scope("teacher_features_fake"):
+            f_fake = jax.lax.stop_gradient(feats(fakes / sd, t_fakes, y_f, mask_f))
+        with jax.named_scope("teacher_features_real"):
+            f_real = jax.lax.stop_gradient(feats(self._noise(k_zr, x0, t_real) / sd, t_real, y, mask))
         heads = functools.partial(ladd.heads_logits, blocks=self.blocks, virtual_batch=cfg.disc_virtual_batch,
                                   update=True)
 
         def loss_fn(params):
-            d_fake, hs = heads(params, state.heads_state, f_fake)
-            d_real, hs = heads(params, hs, f_real)
+            with jax.named_scope("heads"):
+                d_fake, hs = heads(params, state.heads_state, f_fake)
+                d_real, hs = heads(params, hs, f_real)
             return ladd.discriminator_hinge_loss(d_real, d_fake), (d_real, d_fake, hs)
 
         (loss, (d_real, d_fake, hs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.heads)

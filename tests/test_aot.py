@@ -50,7 +50,7 @@ def test_teacher_stage_compiles_for_fake_cpu_devices(tmp_path):
 
 HLO = """
 %body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
-  %ag = bf16[4,256]{1,0} all-gather(%x), dimensions={0}
+  %ag = bf16[4,256]{1,0} all-gather(%x), dimensions={0}, metadata={op_name="jit(run)/transpose(jvp(student_scm))/B/x"}
   %inner = (s32[], f32[8]) while(%t), condition=%cond.2, body=%body.2
 }
 %cond.1 (p: (s32[], f32[8])) -> pred[] {
@@ -85,14 +85,14 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   %one = u32[]{:T(128)} constant(1)
   %start = (f32[4], u32[]) tuple(%a, %one)
   %windowed = (f32[4], u32[]) while(%start), condition=%wcond, body=%wbody
-  %ar = (f32[10]{0}, f32[6]{0}) all-reduce(%u, %v), to_apply=%add
+  %ar = (f32[10]{0}, f32[6]{0}) all-reduce(%u, %v), to_apply=%add, metadata={op_name="jit(run)/jvp(teacher_cfg)/y"}
   %f = f32[2] fusion(%a), kind=kLoop, calls=%fused
 }
 """
 
 
 def test_collective_bytes_count_every_loop_trip():
-    from sprintjax.aot import collective_bytes
+    from sprintjax.aot import by_scope, collective_bytes, collectives
 
     got = collective_bytes(HLO)
     assert got["all-gather"] == 28 * 4 * 256 * 2  # bf16 result, 28 trips
@@ -100,6 +100,9 @@ def test_collective_bytes_count_every_loop_trip():
     assert got["collective-permute"] == 28 * 3 * 16 * 4 + 3 * 4 * 4
     assert got["all-reduce"] == (10 + 6) * 4 and got["reduce-scatter"] == 2 * 64 * 4  # inside a fusion call
     assert got["all-to-all"] == 0
+    scopes = by_scope(collectives(HLO))  # by the named scope of each model call in distill.py
+    assert scopes["student_scm backward"] == got["all-gather"] and scopes["teacher_cfg"] == got["all-reduce"]
+    assert scopes["(no op_name)"] == got["collective-permute"] + got["reduce-scatter"]
 
 
 def test_unknown_topology_and_indivisible_batch_are_clear_errors():
