@@ -58,8 +58,7 @@ def test_reference_run_writes_everything_a_user_expects(reference):
 
 def test_eight_fake_devices_fsdp_and_two_processes_match_one_device(reference, tmp_path):
     ref = metrics(reference[0])
-    # mesh data 4 x fsdp 2; rematerialised blocks gather their weights themselves (sharding.gather_weights)
-    run(tmp_path / "fsdp", "--config.model.remat=full", config="configs/tiny.py:fsdp", devices=8)
+    run(tmp_path / "fsdp", config="configs/tiny.py:fsdp", devices=8)  # mesh data 4 x fsdp 2
     assert_close(metrics(tmp_path / "fsdp"), ref)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "launch/local.py", "--num-processes", "2", "--", "train", "--config", "configs/tiny.py",
