@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sprintjax.aot import CHIPS
+from sprintjax.aot import CHIPS, wire_bytes
 
 CONFIGS = {"600m": "configs/sana_sprint_600m_1024.py", "1600m": "configs/sana_sprint_1600m_1024.py"}
 TOPOLOGIES = {("v5p", 32): "v5p:4x4x2", ("v5p", 64): "v5p:4x4x4", ("v6e", 32): "v6e:4x8", ("v6e", 64): "v6e:8x8"}
@@ -64,7 +64,7 @@ def table(rows) -> str:
             if "does_not_fit" in r:
                 out.append(f"| {name} | {step} | does not fit: {r['does_not_fit']} |" + " |" * 9)
                 continue
-            moved, least = sum(r["collective_bytes"].values()), sum(r["fsdp_minimum_bytes"].values())
+            moved, least = wire_bytes(r["collective_bytes"]), wire_bytes(r["fsdp_minimum_bytes"])
             bound = (f"{r['optimal_seconds_scaled'] * 1e3:.0f} | {r['mfu_bound']:.2f}" if r["optimal_seconds"] > 0
                      else "n/a | n/a")  # libtpu's cost model sometimes reports a negative time: no bound
             hbm = CHIPS[name.split("-")[1]][1] / gib

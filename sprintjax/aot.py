@@ -287,6 +287,12 @@ def by_scope(found: collections.Counter) -> dict[str, int]:
     return dict(out.most_common())
 
 
+def wire_bytes(kinds: dict[str, int]) -> int:
+    """What collectives of these payloads move per device in a ring, up to the (n-1)/n factor every kind
+    shares: an all-reduce moves its payload twice (a reduce-scatter, then an all-gather), the others once."""
+    return sum(kinds.values()) + kinds.get("all-reduce", 0)
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Per-device collective bytes of one run of a compiled HLO module, by kind."""
     return by_kind(collectives(hlo_text))
@@ -344,7 +350,7 @@ def format_report(report: dict, topology: str) -> str:
             f"(aliased {_size(r['alias_bytes'])}), peak ~{_size(r['peak_bytes_estimate'])}; "
             f"{r['flops'] / 1e12:.4g} TFLOP, {_size(r['bytes_accessed'])} accessed, "
             f"optimal {r['optimal_seconds'] * 1e3:.3g} ms (loop bodies counted once)")
-        moved, least = sum(r["collective_bytes"].values()), sum(r["fsdp_minimum_bytes"].values())
+        moved, least = wire_bytes(r["collective_bytes"]), wire_bytes(r["fsdp_minimum_bytes"])
         kinds = ", ".join(f"{k} {_size(v)}" for k, v in r["collective_bytes"].items() if v)
         lines.append(f"  {'':14s} model {r['model_flops'] / 1e12:.4g} TFLOP per device (blocks unrolled); "
                      f"collectives {_size(moved)} ({kinds or 'none'}) = {moved / max(least, 1):.2f}x the FSDP "

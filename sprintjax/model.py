@@ -33,7 +33,7 @@ from sprintjax.layers import (
     layer_norm,
 )
 from sprintjax.model_config import ModelConfig
-from sprintjax.sharding import constrain_batch, gather_weights
+from sprintjax.sharding import constrain_batch
 
 _REMAT = {
     "none": None,
@@ -182,9 +182,9 @@ class SanaTransformer:
         def body(h, p):
             return constrain_batch(block.apply({"params": p}, h, temb6, y, y_bias)), None
 
-        if self.config.remat != "none":  # weights gathered inside: not saved, gathered again in the backward
-            plain = body
-            body = jax.checkpoint(lambda h, p: plain(h, gather_weights(p)), policy=_REMAT[self.config.remat])
+        policy = _REMAT[self.config.remat]
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=policy)
 
         def run(h, start, stop):  # blocks start..stop-1, scanned or unrolled
             if self.config.scan_layers:

@@ -66,21 +66,6 @@ def constrain_batch(x):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes)))
 
 
-def gather_weights(tree):
-    """All-gathers a block's FSDP-sharded weights inside the mesh in context; a no-op outside one.
-
-    The rematerialised blocks apply it first: the block's matmuls then share one gather, and so do its
-    recomputed forward and its backward (ZeRO-3: one gather per block per pass). Without it the SPMD
-    partitioner runs each matmul as a windowed einsum that moves its own copy of the weight, twice in the
-    backward of a recomputed block.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return tree
-    full = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, full), tree)
-
-
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
 

@@ -31,16 +31,17 @@ def check_report(out, path, names):
     return report
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])  # full: the blocks gather their own weights
-def test_tiny_distillation_compiles_for_a_v5p_topology(tmp_path, remat):
+def test_tiny_distillation_compiles_for_a_v5p_topology(tmp_path):
+    from sprintjax.aot import wire_bytes
+
     out = compile_cli("--config", "configs/tiny.py", "--topology", "v5p:2x2x1", "--config.mesh.fsdp=2",
-                      f"--config.model.remat={remat}", "--json", str(tmp_path / "r.json"))
+                      "--json", str(tmp_path / "r.json"))
     report = check_report(out, tmp_path / "r.json", ["generator", "discriminator"])
     assert report["generator"]["mesh"] == {"data": 2, "fsdp": 2}
     assert report["generator"]["optimal_seconds"] > 0  # a TPU cost model figure
     assert 0 < report["generator"]["mfu_bound"] and report["generator"]["collective_bytes"]["all-gather"] > 0
-    for r in report.values():  # activations stay batch-sharded: FSDP gathers weights (1.7x / 2.5x without)
-        assert sum(r["collective_bytes"].values()) < 1.2 * sum(r["fsdp_minimum_bytes"].values())
+    for r in report.values():  # activations stay batch-sharded (without: 1.7x / 2.5x in payload bytes alone)
+        assert wire_bytes(r["collective_bytes"]) < 1.2 * wire_bytes(r["fsdp_minimum_bytes"])
     assert "arguments" in out.stdout and "temporaries" in out.stdout
 
 
