@@ -5,6 +5,8 @@ A batch is {"latents": [B, C, H, W] in the VAE's scale, "caption": [B, L, C_text
 The steps alternate 1:1 on consecutive batches (the trainer's loop). `state.step` counts applied G and D
 iterations (the official global step): it drives the tangent warmup; each optimiser's own count drives its
 learning-rate schedule. A step whose gradient norm is non-finite changes nothing but its skip counter.
+Each model call runs under a `jax.named_scope` (`teacher_cfg`, `student_scm`, ...), so profiles and
+`sprintjax compile`'s collectives by model call can name it.
 """
 
 from __future__ import annotations
