@@ -293,11 +293,6 @@ def wire_bytes(kinds: dict[str, int]) -> int:
     return sum(kinds.values()) + kinds.get("all-reduce", 0)
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Per-device collective bytes of one run of a compiled HLO module, by kind."""
-    return by_kind(collectives(hlo_text))
-
-
 def _gathers(step: str, d) -> dict[str, int]:
     """How often FSDP gathers each model in one step: once per call, once more per backward through a call."""
     if step == "train":

@@ -94,15 +94,16 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 
 def test_collective_bytes_count_every_loop_trip():
-    from sprintjax.aot import by_scope, collective_bytes, collectives
+    from sprintjax.aot import by_kind, by_scope, collectives
 
-    got = collective_bytes(HLO)
+    found = collectives(HLO)
+    got = by_kind(found)
     assert got["all-gather"] == 28 * 4 * 256 * 2  # bf16 result, 28 trips
     # 28 x 3 trips (TPU layout on the bound), then a windowed-einsum-like loop: i = 1, 3, 5 (< 7), 3 trips
     assert got["collective-permute"] == 28 * 3 * 16 * 4 + 3 * 4 * 4
     assert got["all-reduce"] == (10 + 6) * 4 and got["reduce-scatter"] == 2 * 64 * 4  # inside a fusion call
     assert got["all-to-all"] == 0
-    scopes = by_scope(collectives(HLO))  # by the named scope of each model call in distill.py
+    scopes = by_scope(found)  # by the named scope of each model call in distill.py
     assert scopes["student_scm backward"] == got["all-gather"] and scopes["teacher_cfg"] == got["all-reduce"]
     assert scopes["(no op_name)"] == got["collective-permute"] + got["reduce-scatter"]
 
