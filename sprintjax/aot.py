@@ -225,13 +225,14 @@ class _Module:
         return max(0, -(-(bound - start) // max(step, 1)))
 
 
-def _scope(rhs: str) -> str:
+def _scope(rhs: str, outer: str = "(no op_name)") -> str:
     """The named scope an instruction was traced under (distill.py names each model call), from its op_name:
     `jit(run)/transpose(jvp(student_scm))/...` -> `student_scm backward`; `(top level)` for an op outside
-    any scope, `(no op_name)` for one the compiler inserted (e.g. resharding between ops)."""
+    any scope; an op without op_name inside a fusion takes the fusion's (`outer`), one the compiler inserted
+    elsewhere (e.g. resharding between ops) is `(no op_name)`."""
     m = _OP_NAME.search(rhs)
     if not m:
-        return "(no op_name)"
+        return outer
     parts = m.group(1).split("/")
     inner = re.fullmatch(r"(?:\w+\()*(\w*)\)*", parts[1]) if len(parts) > 2 else None
     if not inner or not inner.group(1):
@@ -241,14 +242,17 @@ def _scope(rhs: str) -> str:
 
 def collectives(hlo_text: str) -> collections.Counter:
     """Per-device payload bytes of one run of a compiled (partitioned) HLO module by (collective kind, named
-    scope): an all-gather's result, the operand of the others, times the trip count of every enclosing loop."""
+    scope): an all-gather's result, the operand of the others, times the trip count of every enclosing loop.
+    libtpu writes a reduce-scatter as a fusion `all-reduce-scatter.N` (an all-reduce, then each device's
+    slice, emitted as one reduce-scatter): its all-reduce counts as a reduce-scatter."""
     mod = _Module(hlo_text)
-    memo: dict[str, collections.Counter] = {}
+    memo: dict[tuple[str, str], collections.Counter] = {}
 
-    def walk(name: str) -> collections.Counter:
-        if name not in memo:
-            acc = memo[name] = collections.Counter()
+    def walk(name: str, outer: str) -> collections.Counter:
+        if (name, outer) not in memo:
+            acc = memo[name, outer] = collections.Counter()
             for rhs in mod.defs.get(name, {}).values():
+                scope = _scope(rhs, outer)
                 op = _COLL.search(" " + rhs)
                 if op:
                     sizes = _array_bytes(rhs[:op.start()])
@@ -256,19 +260,20 @@ def collectives(hlo_text: str) -> collections.Counter:
                         n = max(sizes) if op.group(1) == "all-gather" else sizes[0]
                     else:
                         n = sum(sizes)
-                    acc[op.group(1), _scope(rhs)] += n
+                    kind = "reduce-scatter" if name.startswith("all-reduce-scatter") else op.group(1)
+                    acc[kind, scope] += n
                 loop = _WHILE.search(" " + rhs)
                 if loop:
                     n = mod.trips(name, *loop.groups())
-                    for k, v in walk(loop.group(3)).items():
+                    for k, v in walk(loop.group(3), scope).items():
                         acc[k] += n * v
                     continue
                 for single, branches in _CALLS.findall(rhs):
                     for callee in [single] if single else _OPERANDS.findall(branches):
-                        acc.update(walk(callee))
-        return memo[name]
+                        acc.update(walk(callee, scope))
+        return memo[name, outer]
 
-    return walk(mod.entry) if mod.entry else collections.Counter()
+    return walk(mod.entry, "(no op_name)") if mod.entry else collections.Counter()
 
 
 def by_kind(found: collections.Counter) -> dict[str, int]:
@@ -310,7 +315,8 @@ def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str, distil
     """What FSDP must move per device in one step (ZeRO-3 accounting, as PyTorch FSDP moves it): every sharded
     weight gathered once per call of its model and once more per backward through a call (transformers in the
     compute dtype, heads in float32); every trained sharded weight's float32 gradient reduce-scattered once,
-    every trained replicated one's all-reduced once."""
+    every trained replicated one's all-reduced once, and with replicas beside the fsdp axis (HSDP: a `data`
+    axis > 1) each sharded gradient's shard all-reduced over them."""
     def nbytes(name, itemsize, sharded=True):
         tree, shardings = getattr(abstract_state, name), getattr(state_sh, name)
         leaves = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "spec")),
@@ -321,8 +327,11 @@ def fsdp_minimum(abstract_state, state_sh, step: str, compute_dtype: str, distil
     item = jnp.dtype(compute_dtype).itemsize
     read = sum(n * nbytes(name, 4 if name == "heads" else item) for name, n in _gathers(step, distill).items())
     trained = {"generator": "student", "discriminator": "heads", "train": "params"}[step]
-    return {"all-gather": read, "reduce-scatter": nbytes(trained, 4),
-            "all-reduce": nbytes(trained, 4, sharded=False) if jax.tree.leaves(state_sh)[0].mesh.size > 1 else 0}
+    mesh = jax.tree.leaves(getattr(state_sh, trained))[0].mesh
+    fsdp = mesh.shape.get("fsdp", 1)
+    replicated = nbytes(trained, 4, sharded=False) if mesh.size > 1 else 0
+    shards = nbytes(trained, 4) // fsdp if mesh.size > fsdp else 0
+    return {"all-gather": read, "reduce-scatter": nbytes(trained, 4), "all-reduce": replicated + shards}
 
 
 def _size(n: float) -> str:

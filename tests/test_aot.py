@@ -68,6 +68,11 @@ HLO = """
 %fused (a: f32[2]) -> f32[2] {
   %rs = f32[2,64]{1,0} reduce-scatter(%a), dimensions={0}
 }
+%all-reduce-scatter.3 (input: f32[64,8]) -> f32[2,8] {
+  %input = f32[64,8]{1,0} parameter(0)
+  %ar.rs = f32[64,8]{1,0} all-reduce(%input), replica_groups={{0,1}}, to_apply=%add
+  ROOT %ds = f32[2,8]{1,0} dynamic-slice(%ar.rs, %o, %z), dynamic_slice_sizes={2,8}
+}
 %wcond (p: (f32[4], u32[])) -> pred[] {
   %p = (f32[4], u32[]) parameter(0)
   %i = u32[]{:T(128)} get-tuple-element(%p), index=1
@@ -89,6 +94,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   %windowed = (f32[4], u32[]) while(%start), condition=%wcond, body=%wbody
   %ar = (f32[10]{0}, f32[6]{0}) all-reduce(%u, %v), to_apply=%add, metadata={op_name="jit(run)/jvp(teacher_cfg)/y"}
   %f = f32[2] fusion(%a), kind=kLoop, calls=%fused
+  %g = f32[2,8] fusion(%b), calls=%all-reduce-scatter.3, metadata={op_name="jit(run)/transpose(jvp(student_ladd))/d"}
 }
 """
 
@@ -101,11 +107,13 @@ def test_collective_bytes_count_every_loop_trip():
     assert got["all-gather"] == 28 * 4 * 256 * 2  # bf16 result, 28 trips
     # 28 x 3 trips (TPU layout on the bound), then a windowed-einsum-like loop: i = 1, 3, 5 (< 7), 3 trips
     assert got["collective-permute"] == 28 * 3 * 16 * 4 + 3 * 4 * 4
-    assert got["all-reduce"] == (10 + 6) * 4 and got["reduce-scatter"] == 2 * 64 * 4  # inside a fusion call
+    # one inside a fusion call; libtpu's reduce-scatter (an all-reduce-scatter fusion) is not an all-reduce
+    assert got["all-reduce"] == (10 + 6) * 4 and got["reduce-scatter"] == 2 * 64 * 4 + 64 * 8 * 4
     assert got["all-to-all"] == 0
     scopes = by_scope(found)  # by the named scope of each model call in distill.py
     assert scopes["student_scm backward"] == got["all-gather"] and scopes["teacher_cfg"] == got["all-reduce"]
-    assert scopes["(no op_name)"] == got["collective-permute"] + got["reduce-scatter"]
+    assert scopes["student_ladd backward"] == 64 * 8 * 4  # a fusion's scope covers the ops it calls
+    assert scopes["(no op_name)"] == got["collective-permute"] + 2 * 64 * 4
 
 
 def test_unknown_topology_and_indivisible_batch_are_clear_errors():
@@ -122,3 +130,23 @@ def test_sana_sprint_600m_compiles_for_v5p_64_chips_and_fits(tmp_path):
     report = check_report(out, tmp_path / "r.json", ["generator", "discriminator"])
     for r in report.values():
         assert r["devices"] == 64 and r["peak_bytes_estimate"] < 95 * 2**30  # v5p HBM
+
+
+def test_fsdp_minimum_counts_the_replica_all_reduce_of_hsdp_shards():
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+
+    from sprintjax.aot import fsdp_minimum
+
+    params = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32), "b": jax.ShapeDtypeStruct((16,), jnp.float32)}
+    for data, shard_all_reduce in ((1, 0), (2, 8 * 16 * 4 // 4)):  # HSDP: the 1/4 shard, all-reduced over data
+        mesh = AbstractMesh((data, 4), ("data", "fsdp"))
+        sh = {"w": NamedSharding(mesh, PartitionSpec(None, "fsdp")), "b": NamedSharding(mesh, PartitionSpec())}
+        got = fsdp_minimum(types.SimpleNamespace(params=params), types.SimpleNamespace(params=sh), "train",
+                           "bfloat16", None)
+        # teacher stage: w gathered in bf16 for the forward and the backward, its f32 gradient reduce-scattered
+        assert got == {"all-gather": 2 * 8 * 16 * 2, "reduce-scatter": 8 * 16 * 4,
+                       "all-reduce": 16 * 4 + shard_all_reduce}
