@@ -2,6 +2,8 @@
 arg: the global batch (default 512). On 32 v6e chips (32 GiB HBM) the generator step needs `remat=full`
 (`sprintjax compile` measured 90 GiB of temporaries with `dots`, 22.4 GiB with `full`; BENCHMARKS.md §3):
     sprintjax train --config configs/sana_sprint_1600m_1024.py --config.model.remat=full ...
+On 64 chips add `--config.mesh.data=2` (FSDP over 32, 2 replicas: collectives 1.3x instead of 1.7-2.2x the
+FSDP minimum).
 """
 
 from sprintjax.configlib import official_recipe
