@@ -228,8 +228,8 @@ class _Module:
 def _scope(rhs: str, outer: str = "(no op_name)") -> str:
     """The named scope an instruction was traced under (distill.py names each model call), from its op_name:
     `jit(run)/transpose(jvp(student_scm))/...` -> `student_scm backward`; `(top level)` for an op outside
-    any scope; an op without op_name inside a fusion takes the fusion's (`outer`), one the compiler inserted
-    elsewhere (e.g. resharding between ops) is `(no op_name)`."""
+    any scope; an op without op_name takes the scope of the op that calls its computation (`outer`: a fusion,
+    a loop), so only what the compiler inserted between ops (e.g. resharding) is `(no op_name)`."""
     m = _OP_NAME.search(rhs)
     if not m:
         return outer
