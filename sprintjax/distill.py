@@ -11,6 +11,8 @@ Each model call runs under a `jax.named_scope` (`teacher_cfg`, `student_scm`, ..
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 from typing import Any
 
@@ -24,6 +26,7 @@ from sprintjax.came import scale_by_came
 from sprintjax.distill_config import DistillConfig
 from sprintjax.model import SanaTransformer
 from sprintjax.model_config import ModelConfig
+from sprintjax.sharding import block_specs
 
 
 class DistillState(flax.struct.PyTreeNode):
@@ -80,6 +83,15 @@ class Distiller:
         self.teacher = model_cls(teacher_cfg)
         self.student = model_cls(teacher_cfg.replace(guidance_embeds=True))
         self.blocks = cfg.disc_blocks(teacher_cfg.num_layers)
+
+    def laid_out(self, state_sh) -> Distiller:
+        """A copy whose models know their blocks' shardings (ZeRO-3 rematerialised blocks, model.py)."""
+        new = copy.copy(self)
+        new.student = dataclasses.replace(self.student, block_specs=block_specs(
+            state_sh.student["net"]["transformer_blocks"]))
+        new.teacher = dataclasses.replace(self.teacher, block_specs=block_specs(
+            state_sh.teacher["transformer_blocks"]))
+        return new
 
     # ------------------------------------------------------------ init
     def init(self, teacher_params, null_caption, rng) -> DistillState:

@@ -8,6 +8,8 @@ the model sees t in [0, 1] (c_noise = t). Captions are replaced by the null capt
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -17,6 +19,7 @@ import optax
 
 from sprintjax.distill import apply_if_finite
 from sprintjax.model import SanaTransformer
+from sprintjax.sharding import block_specs
 
 
 class TeacherState(flax.struct.PyTreeNode):
@@ -68,6 +71,12 @@ class TeacherTrainer:
         self.model = SanaTransformer(model_cfg)
         self.tx = make_teacher_optimizer(lr, warmup)
         self.cond_drop, self.ema_decay = cond_drop, ema_decay
+
+    def laid_out(self, state_sh) -> TeacherTrainer:
+        """A copy whose model knows its blocks' shardings (ZeRO-3 rematerialised blocks, model.py)."""
+        new = copy.copy(self)
+        new.model = dataclasses.replace(self.model, block_specs=block_specs(state_sh.params["transformer_blocks"]))
+        return new
 
     def init(self, params, null_caption) -> TeacherState:
         params = jax.tree.map(jnp.array, params)

@@ -33,7 +33,7 @@ from sprintjax.layers import (
     layer_norm,
 )
 from sprintjax.model_config import ModelConfig
-from sprintjax.sharding import constrain_batch
+from sprintjax.sharding import constrain_batch, fsdp_block
 
 _REMAT = {
     "none": None,
@@ -108,10 +108,11 @@ FINAL_KEYS = ("scale_shift_table", "proj_out")
 class SanaTransformer:
     """Pure-functional SANA transformer: `init(rng) -> params`, `apply(params, ...) -> velocity`.
 
-    Holds only the (hashable) config, so it can be a static argument of `jax.jit`.
+    Holds only hashable fields (the config, the blocks' layout), so it can be a static argument of `jax.jit`.
     """
 
     config: ModelConfig
+    block_specs: tuple | None = None  # sharding.block_specs of the params' blocks (ZeRO-3 blocks, remat full)
 
     # ---- parameters ----
     def init(self, rng) -> dict:
@@ -179,12 +180,18 @@ class SanaTransformer:
     def _blocks(self, stacked, tokens, temb6, y, y_bias, hw, features_after, features_only=False):
         block = Block(self.config, hw)
 
-        def body(h, p):
-            return constrain_batch(block.apply({"params": p}, h, temb6, y, y_bias)), None
+        def apply(h, p, temb6, y, y_bias):
+            return block.apply({"params": p}, h, temb6, y, y_bias)
 
-        policy = _REMAT[self.config.remat]
-        if self.config.remat != "none":
-            body = jax.checkpoint(body, policy=policy)
+        # remat full: ZeRO-3 blocks under an FSDP mesh, each block's weights gathered once per pass; with dots
+        # the partitioner's windowed einsums move fewer bytes (BENCHMARKS.md §3, item 7)
+        if self.config.remat == "full":
+            apply = fsdp_block(apply, self.block_specs, _REMAT["full"], self._compute_kernels)
+        elif self.config.remat == "dots":
+            apply = jax.checkpoint(apply, policy=_REMAT["dots"])
+
+        def body(h, p):
+            return constrain_batch(apply(h, p, temb6, y, y_bias)), None
 
         def run(h, start, stop):  # blocks start..stop-1, scanned or unrolled
             if self.config.scan_layers:
@@ -202,6 +209,12 @@ class SanaTransformer:
         if start < self.config.num_layers and not features_only:
             tokens = run(tokens, start, self.config.num_layers)
         return tokens, [feats[i] for i in features_after]
+
+    def _compute_kernels(self, block_params):
+        """Matmul and conv kernels in the compute dtype (every layer casts them so before use: exact)."""
+        dtype = jnp.dtype(self.config.dtype)
+        cast = lambda path, a: a.astype(dtype) if path[-1].key == "kernel" else a  # noqa: E731
+        return jax.tree_util.tree_map_with_path(cast, block_params)
 
     def _check(self, x, timestep, caption, caption_mask, guidance):
         """Shape checks with messages that name the mismatch; broadcasts timestep/guidance to [B]."""

@@ -9,6 +9,7 @@ discriminator heads follow rules: an ordered list of (regex over the leaf path, 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -64,6 +65,49 @@ def constrain_batch(x):
     if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes)))
+
+
+def block_specs(stacked_shardings) -> tuple:
+    """The per-block PartitionSpecs (stacked layer axis dropped) of a model's `transformer_blocks` shardings,
+    flat in leaf order: hashable, so a model holding them stays a static argument of `jax.jit`."""
+    return tuple(PartitionSpec(*s.spec[1:]) for s in jax.tree.leaves(stacked_shardings))
+
+
+def fsdp_block(fn, specs, policy, before_gather=lambda p: p):
+    """`fn(h, block_params, *per_sample)` rematerialised with `policy` and run as ZeRO-3 under the mesh in
+    context: in a `shard_map` each device takes its batch shard and all-gathers the block's weights (laid
+    out as `specs`, from `block_specs`; `before_gather` maps the local shards first: the model casts its
+    kernels to the compute dtype, so they travel in bf16) right before use. The gather sits inside
+    `jax.checkpoint`, so a rematerialised block's recomputed forward and its backward share one gather, and
+    the gather's transpose reduce-scatters the weight gradient. (Left to the SPMD partitioner, each matmul of
+    a recomputed block moves its own copy of the weight as a windowed einsum, twice per backward; a sharding
+    constraint instead all-reduces the gradient.) Without specs, outside a mesh, or for a batch that does
+    not divide over its data-parallel axes, fn is only rematerialised. Every op here is forward-
+    differentiable (the sCM JVP).
+    """
+    plain = jax.checkpoint(fn, policy=policy)
+    mesh = jax.sharding.get_abstract_mesh()
+    if specs is None or mesh.empty or mesh.shape.get("fsdp", 1) == 1:
+        return plain
+    batch = PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names))
+
+    def gather(a, spec):
+        axis = next((i for i, ax in enumerate(spec) if ax == "fsdp"), None)
+        return a if axis is None else jax.lax.all_gather(a, "fsdp", axis=axis, tiled=True)
+
+    @functools.partial(jax.checkpoint, policy=policy)
+    def local(h, p, *per_sample):
+        p = jax.tree.map(gather, before_gather(p), jax.tree.unflatten(jax.tree.structure(p), specs))
+        return fn(h, p, *per_sample)
+
+    def run(h, p, *per_sample):
+        if h.shape[0] % data_parallel_size(mesh):
+            return plain(h, p, *per_sample)
+        p_specs = jax.tree.unflatten(jax.tree.structure(p), specs)
+        return jax.shard_map(local, in_specs=(batch, p_specs) + (batch,) * len(per_sample),
+                             out_specs=batch)(h, p, *per_sample)
+
+    return run
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -108,16 +108,19 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
     if rc.train.stage == "distill":
         runner = Distiller(rc.model, rc.distill)
         init = runner.init
-        steps = {"train": runner.train_step, "generator": runner.generator_step,
-                 "discriminator": runner.discriminator_step}
     else:
         runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps, ema_decay=rc.train.ema_decay)
         init = lambda tp, null, _: runner.init(tp, null)  # noqa: E731
-        steps = {"train": runner.step}
     abstract = jax.eval_shape(init, teacher_params, null_caption, jax.random.key(0))
     state_sh = tree_shardings(abstract, mesh, rc.sharding.rules, rc.sharding.min_fsdp_size)
     if rc.train.stage == "distill":
         state_sh = state_sh.replace(teacher=teacher_sh)
+    runner = runner.laid_out(state_sh)  # rematerialised blocks run as ZeRO-3 over this layout
+    if rc.train.stage == "distill":
+        steps = {"train": runner.train_step, "generator": runner.generator_step,
+                 "discriminator": runner.discriminator_step}
+    else:
+        steps = {"train": runner.step}
     return SimpleNamespace(runner=runner, init=init, steps=steps, abstract=abstract, state_sh=state_sh)
 
 

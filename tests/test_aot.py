@@ -31,11 +31,12 @@ def check_report(out, path, names):
     return report
 
 
-def test_tiny_distillation_compiles_for_a_v5p_topology(tmp_path):
+@pytest.mark.parametrize("remat", ["none", "full"])  # full: ZeRO-3 blocks in a shard_map (sharding.fsdp_block)
+def test_tiny_distillation_compiles_for_a_v5p_topology(tmp_path, remat):
     from sprintjax.aot import wire_bytes
 
     out = compile_cli("--config", "configs/tiny.py", "--topology", "v5p:2x2x1", "--config.mesh.fsdp=2",
-                      "--json", str(tmp_path / "r.json"))
+                      f"--config.model.remat={remat}", "--json", str(tmp_path / "r.json"))
     report = check_report(out, tmp_path / "r.json", ["generator", "discriminator"])
     assert report["generator"]["mesh"] == {"data": 2, "fsdp": 2}
     assert report["generator"]["optimal_seconds"] > 0  # a TPU cost model figure
