@@ -31,7 +31,8 @@ def check_report(out, path, names):
     return report
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])  # full: ZeRO-3 blocks in a shard_map (sharding.fsdp_block)
+# full: ZeRO-3 blocks in a shard_map (sharding.fsdp_block); slow, as test_model.py's probe covers them in CI
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_tiny_distillation_compiles_for_a_v5p_topology(tmp_path, remat):
     from sprintjax.aot import wire_bytes
 
