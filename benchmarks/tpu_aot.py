@@ -43,8 +43,7 @@ def run_name(model, chip, n, overrides) -> str:
     return "-".join([model, chip, str(n), *(f"{k.split('.')[-1]}={SHORT.get(v, v)}" for k, v in overrides.items())])
 
 
-def run_one(out: Path, model, chip, n, overrides) -> dict | None:
-    path = out / f"{run_name(model, chip, n, overrides)}.json"
+def run_one(path: Path, model, chip, n, overrides) -> dict | None:
     if not path.exists():
         sprintjax = str(Path(sys.executable).parent / "sprintjax")
         cmd = [sprintjax, "compile", "--config", CONFIGS[model], "--topology", TOPOLOGIES[chip, n], "--json",
@@ -106,7 +105,7 @@ def main(argv=None) -> None:
         if args.recount:
             report = recount(path, json.loads(path.read_text())) if path.exists() else None
         else:
-            report = run_one(out, model, chip, n, overrides)
+            report = run_one(path, model, chip, n, overrides)
         if report:
             rows.append((name, report))
     print(table(rows))

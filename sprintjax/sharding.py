@@ -95,15 +95,15 @@ def fsdp_block(fn, specs, policy, before_gather=lambda p: p):
         axis = next((i for i, ax in enumerate(spec) if ax == "fsdp"), None)
         return a if axis is None else jax.lax.all_gather(a, "fsdp", axis=axis, tiled=True)
 
-    @functools.partial(jax.checkpoint, policy=policy)
-    def local(h, p, *per_sample):
-        p = jax.tree.map(gather, before_gather(p), jax.tree.unflatten(jax.tree.structure(p), specs))
-        return fn(h, p, *per_sample)
-
     def run(h, p, *per_sample):
         if h.shape[0] % data_parallel_size(mesh):
             return plain(h, p, *per_sample)
         p_specs = jax.tree.unflatten(jax.tree.structure(p), specs)
+
+        @functools.partial(jax.checkpoint, policy=policy)
+        def local(h, p, *per_sample):
+            return fn(h, jax.tree.map(gather, before_gather(p), p_specs), *per_sample)
+
         return jax.shard_map(local, in_specs=(batch, p_specs) + (batch,) * len(per_sample),
                              out_specs=batch)(h, p, *per_sample)
 
