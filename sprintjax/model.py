@@ -35,8 +35,7 @@ from sprintjax.layers import (
 from sprintjax.model_config import ModelConfig
 from sprintjax.sharding import constrain_batch, fsdp_block
 
-_REMAT = {
-    "none": None,
+_REMAT = {  # the policies of remat full and dots (none: no jax.checkpoint)
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
