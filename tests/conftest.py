@@ -13,6 +13,19 @@ import pytest  # noqa: E402
 
 from sprintjax.model_config import ModelConfig  # noqa: E402
 
+# pytest-xdist hands tests to its two workers in collection order, one or two at a time (pyproject: -n 2
+# --maxschedchunk 1): the longest files go first so that no long test starts last and runs alone.
+LONGEST_FIRST = ("tests/test_export.py", "tests/test_train.py", "notebooks/jvp_stability.ipynb",
+                 "notebooks/distill_step_walkthrough.ipynb", "tests/test_demo.py", "tests/test_aot.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: file order within each file
+
 
 def tiny(**kw) -> ModelConfig:
     base = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
@@ -79,6 +92,14 @@ def run(workdir, *extra, config="configs/tiny.py", devices=1, check=True, timeou
     if check and out.returncode:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Every `sprintjax train` (and notebook) subprocess of a session shares a persistent JAX compilation
+    cache, as a pod job's restarts would: a run whose programs an earlier run compiled starts in about half the
+    time, and loads the very same executables (the bitwise resume checks compare runs that share them)."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_compilation_cache"))
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from sprintjax.cli import main
 H = W = 16  # latent size; the tiny VAE halves pixels, so 32x32 images (the pipeline wants multiples of 32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: made once per xdist worker, whatever runs in between
 def exported(reference, tmp_path_factory):
     from sprintjax import torch_ref
 
