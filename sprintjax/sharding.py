@@ -93,7 +93,13 @@ def fsdp_block(fn, specs, policy, before_gather=lambda p: p):
 
     def gather(a, spec):
         axis = next((i for i, ax in enumerate(spec) if ax == "fsdp"), None)
-        return a if axis is None else jax.lax.all_gather(a, "fsdp", axis=axis, tiled=True)
+        if axis is None:
+            return a
+        # Untiled: the devices' shards on a new axis, then merged. Its transpose reduce-scatters over that
+        # leading axis, which libtpu lays out in whole (8, 128) tiles; the tiled form padded each device's
+        # share of the sharded axis to the tile (36 of 1152 rows became 48) and all-reduced minor-axis shards.
+        shards = jax.lax.all_gather(a, "fsdp", axis=axis)
+        return shards.reshape(*a.shape[:axis], -1, *a.shape[axis + 1:])
 
     def run(h, p, *per_sample):
         if h.shape[0] % data_parallel_size(mesh):
