@@ -99,13 +99,7 @@ def compilation_cache(tmp_path_factory):
     """Every `sprintjax train` (and notebook) subprocess of a session shares a persistent JAX compilation
     cache, as a pod job's restarts would: a run whose programs an earlier run compiled starts in about half the
     time, and loads the very same executables (the bitwise resume checks compare runs that share them)."""
-    before = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_compilation_cache"))
-    yield
-    if before is None:
-        del os.environ["JAX_COMPILATION_CACHE_DIR"]
-    else:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")
