@@ -258,6 +258,10 @@ def collectives(hlo_text: str) -> collections.Counter:
                     sizes = _array_bytes(rhs[:op.start()])
                     if op.group(2):  # an async start's tuple: (operands, results, context)
                         n = max(sizes) if op.group(1) == "all-gather" else sizes[0]
+                    elif op.group(1) == "reduce-scatter":  # synchronous: its result is one device's share
+                        defs = mod.defs[name]
+                        n = sum(sum(_array_bytes(defs.get(o, "").split(" ", 1)[0]))
+                                for o in _op(rhs, "reduce-scatter") or [])
                     else:
                         n = sum(sizes)
                     kind = "reduce-scatter" if name.startswith("all-reduce-scatter") else op.group(1)

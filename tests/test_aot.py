@@ -67,7 +67,8 @@ HLO = """
 %cond.2 (p: (s32[], f32[8])) -> pred[] {
   %c = u32[]{:T(128)} constant(3)
 }
-%fused (a: f32[2]) -> f32[2] {
+%fused (a: f32[64,64]) -> f32[2,64] {
+  %a = f32[64,64]{1,0} parameter(0)
   %rs = f32[2,64]{1,0} reduce-scatter(%a), dimensions={0}
 }
 %all-reduce-scatter.3 (input: f32[64,8]) -> f32[2,8] {
@@ -110,12 +111,13 @@ def test_collective_bytes_count_every_loop_trip():
     # 28 x 3 trips (TPU layout on the bound), then a windowed-einsum-like loop: i = 1, 3, 5 (< 7), 3 trips
     assert got["collective-permute"] == 28 * 3 * 16 * 4 + 3 * 4 * 4
     # one inside a fusion call; libtpu's reduce-scatter (an all-reduce-scatter fusion) is not an all-reduce
-    assert got["all-reduce"] == (10 + 6) * 4 and got["reduce-scatter"] == 2 * 64 * 4 + 64 * 8 * 4
+    # a synchronous reduce-scatter counts its operand (its result is one device's share)
+    assert got["all-reduce"] == (10 + 6) * 4 and got["reduce-scatter"] == 64 * 64 * 4 + 64 * 8 * 4
     assert got["all-to-all"] == 0
     scopes = by_scope(found)  # by the named scope of each model call in distill.py
     assert scopes["student_scm backward"] == got["all-gather"] and scopes["teacher_cfg"] == got["all-reduce"]
     assert scopes["student_ladd backward"] == 64 * 8 * 4  # a fusion's scope covers the ops it calls
-    assert scopes["(no op_name)"] == got["collective-permute"] + 2 * 64 * 4
+    assert scopes["(no op_name)"] == got["collective-permute"] + 64 * 64 * 4
 
 
 def test_unknown_topology_and_indivisible_batch_are_clear_errors():
