@@ -4,7 +4,7 @@
 
 Runs `sprintjax compile` for the official 1024px recipes (32x32 latents, 300 caption tokens, global batch 512)
 of the 0.6B and 1.6B presets on v5p and v6e topologies of 32 and 64 chips, and for before/after variants (remat
-`full` instead of `dots`, a replicated teacher, the two-pass sCM form). Each run is a subprocess that writes its
+`full` instead of `dots`, a replicated teacher, the two-pass sCM form, HSDP, ZeRO-3 blocks with `dots`). Each run is a subprocess that writes its
 JSON report and the compiled HLO texts (NAME/STEP.hlo.txt; resumable: finished runs are kept); the script then
 prints one markdown table of per-device memory, FLOPs, the compiler's optimal time, the MFU bound and
 collective bytes against the FSDP minimum. `--recount` reads the collectives again from the kept HLO texts
@@ -35,6 +35,11 @@ VARIANTS = [  # before/after figures of the remat policy, where the teacher live
     ("600m", "v5p", 32, {"sharding.teacher_rules": REPLICATED_TEACHER}),
     ("600m", "v5p", 32, {"distill.scm_form": "two_pass"}),
     *[(m, chip, 64, {"mesh.data": 2}) for m in ("600m", "1600m") for chip in ("v5p", "v6e")],  # HSDP 2 x 32
+    *[(m, chip, 64, {"mesh.data": 2, "model.remat": "full"}) for m in ("600m", "1600m")
+      for chip in ("v5p", "v6e")],  # HSDP + ZeRO-3 blocks
+    ("600m", "v5p", 32, {"model.zero3_blocks": "on"}),  # ZeRO-3 blocks with remat dots
+    *[(m, chip, 64, {"mesh.data": 2, "model.zero3_blocks": "on"}) for m, chip in (("600m", "v5p"), ("600m", "v6e"),
+                                                                                  ("1600m", "v5p"))],
 ]
 SHORT = {REPLICATED_TEACHER: "replicated"}  # run names for override values that are not plain words
 

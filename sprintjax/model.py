@@ -111,7 +111,7 @@ class SanaTransformer:
     """
 
     config: ModelConfig
-    block_specs: tuple | None = None  # sharding.block_specs of the params' blocks (ZeRO-3 blocks, remat full)
+    block_specs: tuple | None = None  # sharding.block_specs of the params' blocks (ZeRO-3 blocks: zero3_blocks)
 
     # ---- parameters ----
     def init(self, rng) -> dict:
@@ -182,12 +182,14 @@ class SanaTransformer:
         def apply(h, p, temb6, y, y_bias):
             return block.apply({"params": p}, h, temb6, y, y_bias)
 
-        # remat full: ZeRO-3 blocks under an FSDP mesh, each block's weights gathered once per pass; with dots
-        # the partitioner's windowed einsums move fewer bytes (BENCHMARKS.md §3, item 7)
-        if self.config.remat == "full":
-            apply = fsdp_block(apply, self.block_specs, _REMAT["full"], self._compute_kernels)
-        elif self.config.remat == "dots":
-            apply = jax.checkpoint(apply, policy=_REMAT["dots"])
+        # ZeRO-3 blocks under an FSDP mesh, each block's weights gathered once per pass (by default with remat
+        # full; with dots the partitioner's windowed einsums move fewer bytes on 32 chips, ZeRO-3 on 2 x 32:
+        # BENCHMARKS.md §3, items 7 and 9)
+        remat, zero3 = self.config.remat, self.config.zero3_blocks
+        if remat != "none" and (zero3 == "on" or (zero3 == "auto" and remat == "full")):
+            apply = fsdp_block(apply, self.block_specs, _REMAT[remat], self._compute_kernels)
+        elif remat != "none":
+            apply = jax.checkpoint(apply, policy=_REMAT[remat])
 
         def body(h, p):
             return constrain_batch(apply(h, p, temb6, y, y_bias)), None

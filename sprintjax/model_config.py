@@ -1,8 +1,8 @@
 """The SANA Linear DiT configuration: diffusers' `SanaTransformer2DModel` fields plus how we compute.
 
 The diffusers fields keep diffusers' names and defaults so that a `config.json` converts both ways without a
-dictionary of renames. The sprintjax fields (`dtype`, `remat`, `scan_layers`) say how the same function is
-computed; they never change what it computes in float32 and are not written to a diffusers config.
+dictionary of renames. The sprintjax fields (`dtype`, `remat`, `zero3_blocks`, `scan_layers`) say how the same
+function is computed; they never change what it computes in float32 and are not written to a diffusers config.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ _DIFFUSERS_META = {"_class_name", "_diffusers_version", "_name_or_path", "_use_d
 QK_NORMS = (None, "rms_norm_across_heads")
 DTYPES = ("float32", "bfloat16", "float64")
 REMAT_POLICIES = ("none", "full", "dots")
-COMPUTE_FIELDS = ("dtype", "remat", "scan_layers")  # sprintjax-only fields: how, not what, is computed
+ZERO3_BLOCKS = ("auto", "on", "off")
+COMPUTE_FIELDS = ("dtype", "remat", "zero3_blocks", "scan_layers")  # sprintjax-only fields: how, not what, is computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,9 @@ class ModelConfig:
     # --- sprintjax compute settings (not part of the diffusers config) ---
     dtype: str = "float32"  # compute dtype of matmuls/convs; attention, norms and softmax stay >= float32
     remat: str = "none"  # rematerialisation of each transformer block: none | full | dots
+    # rematerialised blocks under an FSDP mesh as ZeRO-3 (sharding.fsdp_block): auto (with remat full), on (full
+    # or dots; remat none has no blocks to run so), off (the SPMD partitioner's gathers); BENCHMARKS.md §3 item 9
+    zero3_blocks: str = "auto"
     scan_layers: bool = True  # lax.scan over the blocks (compile time flat in depth) or an unrolled loop
 
     def __post_init__(self):
@@ -72,6 +76,8 @@ class ModelConfig:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.zero3_blocks not in ZERO3_BLOCKS:
+            problems.append(f"zero3_blocks must be one of {ZERO3_BLOCKS}, got {self.zero3_blocks!r}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
 
