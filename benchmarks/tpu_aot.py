@@ -2,13 +2,13 @@
 
     python benchmarks/tpu_aot.py [--out runs/bench/tpu_aot] [--only 600m-v5p-64,...] [--recount]
 
-Runs `sprintjax compile` for the official 1024px recipes (32x32 latents, 300 caption tokens, global batch 512)
-of the 0.6B and 1.6B presets on v5p and v6e topologies of 32 and 64 chips, and for before/after variants (remat
-`full` instead of `dots`, a replicated teacher, the two-pass sCM form, HSDP, ZeRO-3 blocks with `dots`). Each
-run is a subprocess that writes its JSON report and the compiled HLO texts (NAME/STEP.hlo.txt; resumable:
-finished runs are kept); the script then prints one markdown table of per-device memory, FLOPs, the compiler's optimal time, the MFU bound and
-collective bytes against the FSDP minimum. `--recount` reads the collectives again from the kept HLO texts
-(after a change to how `sprintjax.aot` counts them) without compiling anything.
+Runs `sprintjax compile` for the official 1024px recipes (32x32 latents, 300 caption tokens, global batch 512) of
+the 0.6B and 1.6B presets on v5p and v6e topologies of 32 and 64 chips, and for before/after variants (remat
+`full` instead of `dots`, a replicated teacher, the two-pass sCM form, HSDP, ZeRO-3 blocks with `dots`). Each run
+is a subprocess that writes its JSON report and the compiled HLO texts (NAME/STEP.hlo.txt; resumable: finished
+runs are kept); the script then prints one markdown table of per-device memory, FLOPs, the compiler's optimal
+time, the MFU bound and collective bytes against the FSDP minimum. `--recount` reads the collectives again from
+the kept HLO texts (after a change to how `sprintjax.aot` counts them) without compiling anything.
 """
 
 from __future__ import annotations
