@@ -186,10 +186,9 @@ class SanaTransformer:
         # full; with dots the partitioner's windowed einsums move fewer bytes on 32 chips, ZeRO-3 on 2 x 32:
         # BENCHMARKS.md §3, items 7 and 9)
         remat, zero3 = self.config.remat, self.config.zero3_blocks
-        if remat != "none" and (zero3 == "on" or (zero3 == "auto" and remat == "full")):
-            apply = fsdp_block(apply, self.block_specs, _REMAT[remat], self._compute_kernels)
-        elif remat != "none":
-            apply = jax.checkpoint(apply, policy=_REMAT[remat])
+        if remat != "none":  # fsdp_block without specs only rematerialises
+            specs = self.block_specs if zero3 == "on" or (zero3 == "auto" and remat == "full") else None
+            apply = fsdp_block(apply, specs, _REMAT[remat], self._compute_kernels)
 
         def body(h, p):
             return constrain_batch(apply(h, p, temb6, y, y_bias)), None
