@@ -1,15 +1,18 @@
-"""CAME (Confidence-guided Adaptive Memory Efficient optimisation, Luo et al. 2023) as an optax transform.
+"""CAME (Confidence-guided Adaptive Memory Efficient optimisation, Luo et al. 2023) as an optax transform,
+treating each tensor by its shape exactly as the reference's `CAMEWrapper` (NVlabs/Sana, facts §6).
 
-Per parameter W (matrices factored over their last two axes, vectors kept whole):
+Factored tensors (Linear weights and 1x1 conv kernels):
   U = g^2 + eps1;  r <- b2 r + (1 - b2) mean_cols(U);  c <- b2 c + (1 - b2) mean_rows(U)
-  u = g / sqrt(r c / mean(r))                    (vectors: v <- b2 v + (1 - b2) U;  u = g / sqrt(v))
+  u = g / sqrt(r c / mean(r))
   u <- u / max(1, RMS(u) / d)                    (update clipping, d = clip_threshold)
   m <- b1 m + (1 - b1) u
   S = (u - m)^2 + eps2;  R <- b3 R + (1 - b3) mean_cols(S);  C <- b3 C + (1 - b3) mean_rows(S)
-  update = m / sqrt(R C / mean(R))               (vectors: update = m)
-The learning rate and weight decay are applied by the chain around it (decoupled, like the reference).
+  update = m / sqrt(R C / mean(R))               (the confidence step)
+Every other tensor (vectors, k x k and depthwise convs, Conv1d kernels of the discriminator heads):
+  v <- b2 v + (1 - b2) U;  u = g / sqrt(v);  the same clipping and m;  update = m (no confidence step).
+No bias correction anywhere. The learning rate and weight decay are applied by the chain around it.
 Leaves marked `stacked` carry one parameter per index of their leading axis (our scanned layers): each slice
-is updated as its own parameter, exactly as in a per-layer PyTorch model.
+is classified and updated as its own parameter, exactly as in a per-layer PyTorch model.
 """
 
 from __future__ import annotations
@@ -23,17 +26,21 @@ import optax
 
 class CAMEState(NamedTuple):
     count: jax.Array
-    moments: Any  # per leaf: {"m", and "r", "c", "R", "C" (factored) or "v" (vector)}
+    moments: Any  # per leaf: {"m", and "r", "c", "R", "C" (factored) or "v" (unfactored)}
 
 
-def _factored(shape) -> bool:
-    return len(shape) >= 2
+def factored(shape) -> bool:
+    """The reference's rule, read in our (Flax) layouts: a PyTorch Linear weight (out, in) is our 2-D kernel
+    (in, out); a PyTorch 1x1 conv (out, in, 1, 1) is our HWIO kernel (1, 1, in, out) or a 2-D Dense kernel.
+    A k x k conv (HWIO, k > 1), a depthwise conv and a Conv1d kernel (k, in, out) -- 3-D for every k, as the
+    reference's (out, in, k) -- are not factored; neither are vectors."""
+    return len(shape) == 2 or (len(shape) == 4 and shape[0] == 1 and shape[1] == 1)
 
 
 def _init_leaf(p):
     z = lambda shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
-    if _factored(p.shape):
-        rows, cols = p.shape[:-1], p.shape[:-2] + p.shape[-1:]
+    if factored(p.shape):
+        rows, cols = p.shape[:-1], p.shape[:-2] + p.shape[-1:]  # leading unit axes of a 1x1 conv ride along
         return {"m": z(p.shape), "r": z(rows), "c": z(cols), "R": z(rows), "C": z(cols)}
     return {"m": z(p.shape), "v": z(p.shape)}
 

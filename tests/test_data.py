@@ -132,6 +132,24 @@ def test_instruction_prefix_keeps_the_first_and_last_tokens(encoders):
     assert mask.tolist() == [[1, 1, 1, 1]]
 
 
+def test_null_caption_is_the_bare_empty_prompt_even_with_an_instruction(encoders):
+    """facts §3: "" padded to max_length, no instruction, no token selection (not the caption path)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from sprintjax.data.prepare import TextEncoder
+
+    enc = TextEncoder(str(encoders[1]), max_length=4, instruction="the big one of ")
+    null, null_mask = enc.encode_null()
+    tok = AutoTokenizer.from_pretrained(encoders[1])
+    ids = tok([""], padding="max_length", max_length=4, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want = AutoModel.from_pretrained(encoders[1]).eval()(**ids)[0].numpy()[0]
+    np.testing.assert_allclose(null, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(null_mask, ids.attention_mask.numpy()[0])
+    as_caption, _ = enc([""])  # the instruction-prefixed encoding this replaces
+    assert np.abs(as_caption[0] - null).max() > 1e-3
+
+
 def test_find_pairs_errors(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(pipeline.DataError, match="has no caption file a.txt"):

@@ -7,7 +7,8 @@ OUT/.staging, so an interrupted run resumes where it stopped; the records are wr
 SANA's prompt handling: an optional instruction text (`--instruction-file`, SANA's "complex human
 instruction") is prepended to every caption; the tokens are padded to max_length (+ the instruction's
 length - 2), and the encoder output keeps the first token and the last max_length - 1 tokens. The null
-caption (the empty prompt, encoded the same way) is stored with the records for the teacher's CFG.
+caption for the teacher's CFG is encoded as the reference encodes it (facts §3): the empty prompt padded to
+max_length, with no instruction and no token selection; it is stored with the records.
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ class TextEncoder:
         keep = [0] + list(range(self.total - self.max_length + 1, self.total))  # first token + last N-1
         return (np.ascontiguousarray(hidden[:, keep].float().numpy()),
                 np.ascontiguousarray(tok.attention_mask[:, keep].numpy().astype(np.int32)))
+
+    def encode_null(self) -> tuple[np.ndarray, np.ndarray]:
+        """The unconditional embedding [max_length, C] and its mask: "" padded to max_length, no instruction,
+        every token kept (facts §3: the reference's `y_embedding`)."""
+        tok = self.tokenizer([""], padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        with self.torch.no_grad():
+            hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask)[0]
+        return (np.ascontiguousarray(hidden[0].float().numpy()),
+                np.ascontiguousarray(tok.attention_mask[0].numpy().astype(np.int32)))
 
 
 class SpaceToDepthEncoder:
@@ -162,13 +173,13 @@ def prepare(splits: dict, out: str | Path, vae: str, text_encoder: str, resoluti
         safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in
                                      (("latents", lat), ("caption", cap), ("mask", mask))}, str(tmp))
         tmp.rename(staging / f"{name}_{i:06d}.safetensors")  # atomic: a batch is either complete or absent
-    null_cap, null_mask = text([""])
+    null_cap, null_mask = text.encode_null()
     first = safetensors.numpy.load_file(str(staging / f"{next(iter(splits))}_000000.safetensors"))
     shapes = {"latents": first["latents"].shape[1:], "caption": first["caption"].shape[1:],
               "caption_mask": first["mask"].shape[1:]}
     counts = {name: math.ceil(len(pairs) / batch_size) for name, pairs in splits.items()}
     makers = {name: functools.partial(_staged_examples, staging, name, n) for name, n in counts.items()}
-    folder = pipeline.write_records(out, makers, shapes, null_cap[0], null_mask[0])
+    folder = pipeline.write_records(out, makers, shapes, null_cap, null_mask)
     shutil.rmtree(staging)
     return folder
 
