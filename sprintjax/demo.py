@@ -3,12 +3,15 @@
 1. the shapes dataset (built once through `prepare-data`, cached in runs/shapes_data),
 2. distillation of the shipped teacher into a one-step student with sCM + LADD (configs/shapes.py),
 3. the student exported as a params checkpoint and a diffusers folder,
-4. the benchmark: teacher 20 steps with CFG and 1 step against the student at 1, 2 and 4 steps,
+4. the run's health (per-term losses, discriminator accuracy on reals and fakes, tangent norm and warmup, by
+   half of the run; also in `training.json`) and the benchmark: teacher 20 steps with CFG and 1 step against
+   the student at 1, 2 and 4 steps,
 5. where everything lives. Nothing here is special-cased: it is the benchmark config, run as a user would.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import sprintjax
@@ -32,6 +35,8 @@ def run_demo(workdir: Path, data_dir: Path = Path("runs/shapes_data"), overrides
     from sprintjax.checkpoints import trained_params
     from sprintjax.configlib import load_config, parse_overrides
     from sprintjax.convert import params_to_diffusers, save_params
+    from sprintjax.fileio import atomic_write_bytes
+    from sprintjax.observe import format_summary, training_summary
     from sprintjax.train import train
 
     workdir = Path(workdir)
@@ -49,13 +54,16 @@ def run_demo(workdir: Path, data_dir: Path = Path("runs/shapes_data"), overrides
     print(f"[3/5] student (iteration {step}) -> {workdir / 'student'} and {workdir / 'student_diffusers'}", flush=True)
     save_params(workdir / "student", params, scfg, force=True)
     params_to_diffusers(workdir / "student_diffusers", params, scfg, force=True)
-    print("[4/5] benchmark: teacher 20 (CFG) and 1 step vs student 1, 2, 4 steps", flush=True)
+    health = training_summary(workdir / "train" / "metrics.jsonl")
+    atomic_write_bytes(workdir / "training.json", (json.dumps(health, indent=2) + "\n").encode())
+    print(f"[4/5] training health (means by half of the run):\n{format_summary(health)}\n"
+          "      benchmark: teacher 20 (CFG) and 1 step vs student 1, 2, 4 steps", flush=True)
     results = evaluate.run_benchmark(data_dir, workdir, {"teacher": cfg.train.teacher_checkpoint,
                                                          "student": workdir / "student"},
                                      {"teacher": [20, 1], "student": [1, 2, 4]}, num_eval)
     print((workdir / "results.md").read_text())
     print(f"[5/5] results: {workdir / 'results.json'}, {workdir / 'results.md'}\n"
           f"      sample grid (rows: teacher_20, teacher_1, student_1, student_2, student_4): {workdir / 'grid.png'}\n"
-          f"      TensorBoard logs: {workdir / 'train' / 'tensorboard'}\n"
+          f"      TensorBoard logs: {workdir / 'train' / 'tensorboard'}; training health: {workdir / 'training.json'}\n"
           f"      student as a diffusers transformer: {workdir / 'student_diffusers'}")
     return results

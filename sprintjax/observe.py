@@ -21,6 +21,11 @@ from sprintjax.errors import SprintjaxError
 log = logging.getLogger("sprintjax")
 
 
+# What a researcher reads to judge a distillation run's health (training_summary).
+HEALTH_KEYS = ("scm_loss", "adv_loss", "g_loss", "d_loss", "d_acc_real", "d_acc_fake", "tangent_norm_raw",
+               "tangent_norm", "tangent_warmup", "logvar", "g_grad_norm", "d_grad_norm")
+
+
 class NonFiniteLoss(SprintjaxError):
     """Too many consecutive non-finite losses: the run stops (after saving) instead of burning compute."""
 
@@ -100,3 +105,33 @@ class MetricsLog:
         self.flush()
         self.writer.flush()
         self.writer.close()
+
+
+def training_summary(jsonl: Path) -> dict:
+    """{metric: {"first_half", "second_half"}} means over a run's iterations, from its metrics.jsonl.
+
+    The discriminator's accuracy on reals and fakes, the per-term losses, the tangent norm before and after
+    normalisation and the warmup factor: a discriminator calling everything fake, an sCM loss that does not
+    fall or a warmup still running at the end show here. A resumed run's repeated steps count once (the last).
+    """
+    rows = {}
+    for line in Path(jsonl).read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    if not rows:
+        return {}
+    half = max(rows) / 2
+    out = {}
+    for key in HEALTH_KEYS:
+        parts = [[r[key] for s, r in rows.items() if key in r and (s > half) == second] for second in (False, True)]
+        if any(parts):
+            out[key] = {name: float(np.mean(p)) if p else float("nan")
+                        for name, p in zip(("first_half", "second_half"), parts, strict=True)}
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """A Markdown table of training_summary."""
+    lines = ["| metric | first half | second half |", "|---|---|---|"]
+    lines += [f"| {k} | {v['first_half']:.4g} | {v['second_half']:.4g} |" for k, v in summary.items()]
+    return "\n".join(lines)

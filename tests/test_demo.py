@@ -32,3 +32,11 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
     assert list((tmp_path / "demo" / "train" / "tensorboard").glob("events.*"))
     out = capsys.readouterr().out
     assert "[5/5]" in out and "grid.png" in out
+    # Steps 1 and 3 are generator steps, 2 and 4 discriminator steps: each half of the run has one of each.
+    health = json.loads((tmp_path / "demo" / "training.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows}
+    for key, step in (("d_acc_real", 4), ("adv_loss", 3), ("scm_loss", 3), ("tangent_warmup", 3)):
+        assert health[key]["second_half"] == by_step[step][key], key
+    assert 0.0 <= health["d_acc_fake"]["first_half"] <= 1.0
+    assert "| d_acc_real |" in out
