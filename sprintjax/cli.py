@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shapes", action="store_true", help="the embedded shapes dataset (train + validation)")
     s.add_argument("--num", type=int, default=10000, help="with --shapes: training scenes")
     s.add_argument("--num-validation", type=int, default=1000, help="with --shapes: validation scenes")
-    s.add_argument("--vae", required=True, help="local diffusers AutoencoderDC folder, or builtin-s2d")
+    s.add_argument("--vae", required=True,
+                   help="local diffusers AutoencoderDC folder, or builtin-s2d / builtin-ae (shapes)")
     s.add_argument("--text-encoder", required=True, help="local transformers model + tokenizer folder, or minilm")
     s.add_argument("--out", required=True, help="output data folder (TFDS/ArrayRecord)")
     s.add_argument("--resolution", type=int, default=1024)

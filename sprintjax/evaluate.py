@@ -88,7 +88,8 @@ def evaluate(run, nfe: int, caption, mask, scenes, noise, ref_feats, feat_params
     """Samples every prompt (in batches), scores them, times batch 1 and `throughput_batch`."""
     outs = [np.asarray(run(noise[:, i:i + batch], caption[i:i + batch], mask[i:i + batch]))
             for i in range(0, len(caption), batch)]
-    images = shapes.decode(np.concatenate(outs))
+    latents = np.concatenate(outs)
+    images = shapes.codec_of_latents(latents.shape[1])[1](latents)
     result = {"fd": features.frechet_distance(features.features(feat_params, images), ref_feats),
               **detector.compositional_score(images, scenes), "nfe": nfe}
     result["latency_s"] = _timed(run, noise[:, :1], caption[:1], mask[:1])
@@ -101,9 +102,9 @@ def reference_features(scenes, feat_params):
     return features.features(feat_params, np.stack([shapes.render(s) for s in scenes]))
 
 
-def noise_for(n: int, max_steps: int, seed: int = 0) -> np.ndarray:
-    """The same initial noise (and per-step noise) for every method: [K, N, 48, 8, 8]."""
-    return np.asarray(jax.random.normal(jax.random.key(seed), (max_steps, n, shapes.LATENT_CHANNELS, 8, 8)))
+def noise_for(n: int, max_steps: int, seed: int = 0, channels: int = shapes.LATENT_CHANNELS) -> np.ndarray:
+    """The same initial noise (and per-step noise) for every method: [K, N, channels, 8, 8]."""
+    return np.asarray(jax.random.normal(jax.random.key(seed), (max_steps, n, channels, 8, 8)))
 
 
 def write_results(out_dir: Path, results: dict, grids: dict[str, np.ndarray], cols: int = 8) -> None:
@@ -133,7 +134,8 @@ def run_benchmark(data_dir, out_dir: Path, models: dict, steps: dict, num: int =
     caption, mask, scenes = prompts(data_dir, num)
     feat = features.load()
     ref = reference_features(scenes, feat)
-    noise = noise_for(len(caption), max(k for ks in steps.values() for k in ks), seed)
+    channels = pipeline.open_split(data_dir, "validation")[0]["latents"].shape[0]
+    noise = noise_for(len(caption), max(k for ks in steps.values() for k in ks), seed, channels)
     null = pipeline.load_null_caption(data_dir)[0]
     results, grids = {}, {}
     for kind in ("teacher", "teacher_trigflow", "student"):

@@ -21,7 +21,7 @@ SHAPES = ("circle", "square", "triangle")
 RELATIONS = {"to the left of": (-1, 0), "to the right of": (1, 0), "above": (0, -1), "below": (0, 1)}
 BACKGROUND = (128, 128, 128)
 HELD_OUT = {("yellow", "triangle"), ("blue", "circle")}  # never in the training split
-SPLIT_SEEDS = {"train": 0, "validation": 1}
+SPLIT_SEEDS = {"train": 0, "validation": 1, "codec": 2}  # codec: uncaptioned, for the autoencoder only
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 
 
@@ -128,6 +128,34 @@ def decode(latents: np.ndarray) -> np.ndarray:
     b, _, h, w = z.shape
     x = z.reshape(b, FACTOR, FACTOR, 3, h, w).transpose(0, 4, 1, 5, 2, 3).reshape(b, h * FACTOR, w * FACTOR, 3)
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+BUILTIN_VAES = ("builtin-s2d", "builtin-ae")
+
+
+def latent_codec(vae: str):
+    """(encode, decode, latent channels) of a built-in latent space: `builtin-s2d` (the lossless space-to-depth
+    above, 48 channels) or `builtin-ae` (the shipped learned autoencoder, sprintjax.autoencoder, 8 channels)."""
+    if vae == "builtin-s2d":
+        return encode, decode, LATENT_CHANNELS
+    if vae == "builtin-ae":
+        from sprintjax import autoencoder
+
+        params = autoencoder.load()
+        return (lambda x: autoencoder.encode(params, x)), (lambda z: autoencoder.decode(params, z)), \
+            autoencoder.LATENT_CHANNELS
+    raise ValueError(f"unknown built-in latent space {vae!r} (one of {', '.join(BUILTIN_VAES)})")
+
+
+def codec_of_latents(channels: int):
+    """The built-in latent space whose latents have `channels` channels (48: builtin-s2d, 8: builtin-ae)."""
+    from sprintjax import autoencoder
+
+    by_channels = {LATENT_CHANNELS: "builtin-s2d", autoencoder.LATENT_CHANNELS: "builtin-ae"}
+    if channels not in by_channels:
+        raise ValueError(f"latents of {channels} channels are not of a built-in shapes latent space "
+                         f"({', '.join(f'{c}: {v}' for c, v in by_channels.items())})")
+    return latent_codec(by_channels[channels])
 
 
 def sample_images(split: str, n: int, start: int = 0) -> tuple[np.ndarray, list[Scene]]:

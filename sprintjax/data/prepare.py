@@ -88,16 +88,19 @@ class TextEncoder:
                 np.ascontiguousarray(tok.attention_mask[0].numpy().astype(np.int32)))
 
 
-class SpaceToDepthEncoder:
-    """The shapes dataset's built-in lossless "autoencoder" (`--vae builtin-s2d`): see sprintjax.shapes."""
+class BuiltinEncoder:
+    """The shapes dataset's built-in latent spaces (`--vae builtin-s2d` or `builtin-ae`): see sprintjax.shapes."""
+
+    def __init__(self, vae: str):
+        from sprintjax import shapes
+
+        self.encode = shapes.latent_codec(vae)[0]
 
     def __call__(self, images: list) -> np.ndarray:
         from PIL import Image
 
-        from sprintjax import shapes
-
         arrays = [x if isinstance(x, np.ndarray) else np.asarray(Image.open(x).convert("RGB")) for x in images]
-        return shapes.encode(np.stack(arrays))
+        return np.ascontiguousarray(self.encode(np.stack(arrays)), np.float32)
 
 
 def resolve_text_encoder(name: str) -> str:
@@ -146,7 +149,7 @@ def prepare(splits: dict, out: str | Path, vae: str, text_encoder: str, resoluti
     """Encodes every pair of every split (resumably) and writes the records; returns the dataset folder.
 
     splits: {split name: [(image path or uint8 [H, W, 3] array, caption), ...]}; vae: a diffusers
-    AutoencoderDC folder or `builtin-s2d`; text_encoder: a transformers folder or `minilm`.
+    AutoencoderDC folder, `builtin-s2d` or `builtin-ae`; text_encoder: a transformers folder or `minilm`.
     """
     from tqdm import tqdm
 
@@ -159,7 +162,7 @@ def prepare(splits: dict, out: str | Path, vae: str, text_encoder: str, resoluti
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
         raise DataError(f"{staging} holds a run with other settings ({meta_path}); delete it or match them")
     meta_path.write_text(json.dumps(meta))
-    images = SpaceToDepthEncoder() if vae == "builtin-s2d" else ImageEncoder(vae, resolution)
+    images = BuiltinEncoder(vae) if vae.startswith("builtin-") else ImageEncoder(vae, resolution)
     text = TextEncoder(resolve_text_encoder(text_encoder), max_length, instruction)
     jobs = [(name, i) for name, pairs in splits.items() for i in range(math.ceil(len(pairs) / batch_size))]
     todo = [(n, i) for n, i in jobs if not (staging / f"{n}_{i:06d}.safetensors").is_file()]
