@@ -244,9 +244,7 @@ class Distiller:
         state = state.replace(heads=new_heads, d_opt=d_opt, heads_state=hs, step=state.step + ok,
                               phase=jnp.where(ok, 0, state.phase), d_skipped=state.d_skipped + (1 - ok))
         metrics = {"d_loss": loss, "d_real": jnp.mean(d_real), "d_fake": jnp.mean(d_fake),
-                   "d_acc_real": jnp.mean(jnp.mean(d_real, axis=1) > 0),
-                   "d_acc_fake": jnp.mean(jnp.mean(d_fake, axis=1) < 0),
-                   "d_grad_norm": gnorm, "d_skipped": state.d_skipped}
+                   **ladd.discriminator_metrics(d_real, d_fake), "d_grad_norm": gnorm, "d_skipped": state.d_skipped}
         return state, metrics
 
     # ------------------------------------------------------------ alternation

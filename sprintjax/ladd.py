@@ -142,3 +142,21 @@ def generator_adv_loss(fake_logits):
 def discriminator_hinge_loss(real_logits, fake_logits):
     """L_D = 0.5 (mean relu(1 - D_real) + mean relu(1 + D_fake))."""
     return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits)))
+
+
+def discriminator_metrics(real_logits, fake_logits):
+    """What a researcher needs to see whether D discriminates, from per-token logits.
+
+    real_logits [B, N]; fake_logits [B, N] (student samples) or [2B, N] (then rows B.. are the misaligned
+    pairs). A sample's score is the mean of its token logits. Accuracies threshold the score at 0, so they
+    also move with a shared offset, which the hinge loss does not pin while |D| < 1 (its offset gradient
+    cancels between reals and fakes); `d_auc`, the fraction of (real, student fake) pairs ordered correctly,
+    is offset-free: 0.5 is chance, 1.0 a perfect ranking.
+    """
+    b = real_logits.shape[0]
+    real, fake = jnp.mean(real_logits, axis=1), jnp.mean(fake_logits, axis=1)
+    out = {"d_acc_real": jnp.mean(real > 0), "d_acc_fake": jnp.mean(fake[:b] < 0),
+           "d_auc": jnp.mean(real[:, None] > fake[None, :b])}
+    if fake.shape[0] > b:
+        out["d_acc_misaligned"] = jnp.mean(fake[b:] < 0)
+    return out

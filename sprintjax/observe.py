@@ -22,8 +22,8 @@ log = logging.getLogger("sprintjax")
 
 
 # What a researcher reads to judge a distillation run's health (training_summary).
-HEALTH_KEYS = ("scm_loss", "adv_loss", "g_loss", "d_loss", "d_acc_real", "d_acc_fake", "tangent_norm_raw",
-               "tangent_norm", "tangent_warmup", "logvar", "g_grad_norm", "d_grad_norm")
+HEALTH_KEYS = ("scm_loss", "adv_loss", "g_loss", "d_loss", "d_acc_real", "d_acc_fake", "d_acc_misaligned", "d_auc",
+               "tangent_norm_raw", "tangent_norm", "tangent_warmup", "logvar", "g_grad_norm", "d_grad_norm")
 
 
 class NonFiniteLoss(SprintjaxError):

@@ -64,7 +64,7 @@ def test_generator_and_discriminator_steps_train(distiller):
     assert int(state.step) == 6 and int(state.g_skipped) == 0 and int(state.d_skipped) == 0
     assert set(gm) >= {"g_loss", "scm_loss", "scm_loss_no_logvar", "adv_loss", "tangent_norm_raw", "tangent_norm",
                        "logvar", "g_grad_norm", "g_skipped", "tangent_warmup"}
-    assert set(dm) >= {"d_loss", "d_acc_real", "d_acc_fake", "d_grad_norm", "d_skipped"}
+    assert set(dm) >= {"d_loss", "d_acc_real", "d_acc_fake", "d_acc_misaligned", "d_auc", "d_grad_norm", "d_skipped"}
     assert all(np.isfinite(float(v)) for v in list(gm.values()) + list(dm.values()))
     assert float(gm["tangent_warmup"]) == pytest.approx(5 / 4000)  # r = min(1, global step / 4000), G and D count
     assert float(gm["tangent_norm"]) < 1.0 < float(gm["tangent_norm_raw"])

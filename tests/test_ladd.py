@@ -65,3 +65,19 @@ def test_head_state_changes_only_when_updating():
                if a.size > 1]
     assert changed and all(changed)
     assert abs(float(new["cls"]["u"][0])) == 1.0
+
+
+def test_discriminator_metrics_on_hand_counted_scores():
+    # per-sample scores (token means): reals [1, -1, 2], student fakes [0.5, -2, 3], misaligned [-1, 4, -3]
+    real = jnp.array([[1.0, 1.0], [0.0, -2.0], [3.0, 1.0]])
+    fake = jnp.array([[1.0, 0.0], [-2.0, -2.0], [3.0, 3.0], [-1.0, -1.0], [4.0, 4.0], [-4.0, -2.0]])
+    m = ladd.discriminator_metrics(real, fake)
+    assert float(m["d_acc_real"]) == pytest.approx(2 / 3)
+    assert float(m["d_acc_fake"]) == pytest.approx(1 / 3)  # student fakes only: 0.5 and 3 are called real
+    assert float(m["d_acc_misaligned"]) == pytest.approx(2 / 3)
+    # ordered (real > fake) pairs: 1 beats 0.5, -2; -1 beats -2; 2 beats 0.5, -2 -> 5 of 9
+    assert float(m["d_auc"]) == pytest.approx(5 / 9)
+    # a shared offset moves the accuracies, not the ranking
+    shifted = ladd.discriminator_metrics(real + 10.0, fake[:3] + 10.0)
+    assert float(shifted["d_acc_real"]) == 1.0 and float(shifted["d_acc_fake"]) == 0.0
+    assert float(shifted["d_auc"]) == pytest.approx(5 / 9) and "d_acc_misaligned" not in shifted
