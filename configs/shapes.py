@@ -45,8 +45,8 @@ def get_config(arg=None):
         # std in 150 D steps at 1e-3 but 0.27 at 1e-4 (benchmarks/d_probe.py); in the demo it lowered the
         # student's FD at 1/2/4 steps from 1249/832/733 to 1028/566/376 (README, Results).
         distill=dict(lr_g=1e-4, lr_d=1e-3, warmup_steps_g=50, tangent_warmup_steps=200, disc_layers=(1, 3)),
-        # 240 iterations (120 generator + 120 discriminator steps) at batch 64: ~2.5 s each on 2 CPU cores,
-        # i.e. the demo's 10-minute training budget.
+        # 240 iterations (120 generator + 120 discriminator steps) at batch 64: ~4.5 s each on 2 CPU cores
+        # (0.21-0.24 iterations/s measured), i.e. 19 minutes of the demo's training.
         train=dict(num_steps=240, teacher_checkpoint=TEACHER_WEIGHTS, log_every=20, ckpt_every=80, keep=2,
                    sample_every=80, num_samples=16),
     )
