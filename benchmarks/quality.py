@@ -74,7 +74,7 @@ def table3(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("table", choices=["table1", "table2", "table3", "all"])
-    p.add_argument("--data", default=str(REPO / "runs" / "shapes_data"), help="prepared shapes records")
+    p.add_argument("--data", default=str(REPO / "runs" / "shapes_ae_data"), help="prepared shapes records")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--teacher", help="teacher checkpoint (default: the one configs/shapes.py distils)")
     p.add_argument("--student", default=str(REPO / "runs" / "demo" / "student"), help="student for table2")

@@ -1,18 +1,12 @@
-"""The embedded benchmark: the shapes dataset (32x32 images as 8x8x48 space-to-depth latents, MiniLM caption
-embeddings), a small SANA teacher trained by this project, and its distillation into a one-step student.
-
-    sprintjax prepare-data --shapes --vae builtin-s2d --text-encoder minilm --max-length 16 --out runs/shapes_data
-    sprintjax train-teacher --config configs/shapes.py:teacher --workdir runs/shapes_teacher
-    sprintjax train --config configs/shapes.py --workdir runs/demo/train      (what `make demo` runs)
-Variants: (default) distillation, `teacher` (flow-matching pretraining with the dense time embedding and
-QK-norm of the paper's §3.2), `scm` / `ladd` (Table 3 ablations at the same budget), and `teacher_ae`: the
-same teacher on the learned autoencoder's smooth 8x8x8 latents (`--vae builtin-ae`, sprintjax/autoencoder.py),
-a longer run in progress towards the stronger miniature (issue 18); until its weights ship, the demo keeps
-the space-to-depth teacher.
+"""The embedded benchmark: the shapes dataset (32x32 images as 8x8x8 latents of the shipped learned autoencoder,
+MiniLM caption embeddings), a small SANA teacher trained by this project, and its distillation into a one-step
+student.
 
     sprintjax prepare-data --shapes --vae builtin-ae --text-encoder minilm --max-length 16 --out runs/shapes_ae_data
-    sprintjax train-teacher --config configs/shapes.py:teacher_ae --workdir runs/shapes_ae_teacher
-"""
+    sprintjax train-teacher --config configs/shapes.py:teacher --workdir runs/shapes_ae_teacher
+    sprintjax train --config configs/shapes.py --workdir runs/demo/train      (what `make demo` runs)
+Variants: (default) distillation, `teacher` (flow-matching pretraining with the dense time embedding and
+QK-norm of the paper's §3.2), `scm` / `ladd` (Table 3 ablations at the same budget)."""
 
 from pathlib import Path
 
@@ -20,33 +14,29 @@ import sprintjax
 from sprintjax.configlib import run_config
 from sprintjax.model_config import ModelConfig
 
-TEACHER = ModelConfig(  # 0.74M parameters: a flow-matching step at batch 64 takes ~0.4 s on 2 CPU cores
-    in_channels=48, out_channels=48, num_attention_heads=3, attention_head_dim=32, num_layers=4,
+TEACHER = ModelConfig(  # 0.74M parameters: a flow-matching step at batch 64 takes ~0.8 s on 2 CPU cores
+    in_channels=8, out_channels=8, num_attention_heads=3, attention_head_dim=32, num_layers=4,
     num_cross_attention_heads=3, cross_attention_head_dim=32, cross_attention_dim=96, caption_channels=384,
     sample_size=8, qk_norm="rms_norm_across_heads",
 )
-DATA = dict(dir="runs/shapes_data", caption_len=16, global_batch=64)
+DATA = dict(dir="runs/shapes_ae_data", caption_len=16, global_batch=64)
 # The shipped teacher (a diffusers folder): see sprintjax/assets/README.md for the command and seed.
 TEACHER_WEIGHTS = str(Path(sprintjax.__file__).parent / "assets" / "shapes_teacher")
 
 
 def get_config(arg=None):
-    if arg == "teacher":
+    if arg == "teacher":  # ~0.8 s an iteration alone on 2 CPU cores; resumable (a checkpoint every 500)
         return run_config(TEACHER, data=DATA,
-                          train=dict(stage="teacher", num_steps=6000, lr=1e-3, warmup_steps=500, ema_decay=0.999,
-                                     log_every=100, ckpt_every=500, keep=2, sample_every=1000, num_samples=16))
-    if arg == "teacher_ae":  # the same network on the learned latents; ~0.4 s a step, resumable (ckpt every 500)
-        return run_config(TEACHER.replace(in_channels=8, out_channels=8), data=dict(DATA, dir="runs/shapes_ae_data"),
-                          train=dict(stage="teacher", num_steps=12000, lr=1e-3, warmup_steps=500, ema_decay=0.999,
+                          train=dict(stage="teacher", num_steps=7000, lr=1e-3, warmup_steps=500, ema_decay=0.999,
                                      log_every=100, ckpt_every=500, keep=2, sample_every=2500, num_samples=16))
     c = run_config(
         TEACHER, data=DATA,
         # lr_d 1e-3 (10x lr_g): with the student frozen, fresh heads reach a real/fake separation of 0.95 pooled
-        # std in 150 D steps at 1e-3 but 0.27 at 1e-4 (benchmarks/d_probe.py); in the demo it lowered the
-        # student's FD at 1/2/4 steps from 1249/832/733 to 1028/566/376 (README, Results).
+        # std in 150 D steps at 1e-3 but 0.27 at 1e-4 (benchmarks/d_probe.py); in the demo on the first teacher it
+        # lowered the student's FD at 1/2/4 steps from 1249/832/733 to 1028/566/376 (README, Results).
         distill=dict(lr_g=1e-4, lr_d=1e-3, warmup_steps_g=50, tangent_warmup_steps=200, disc_layers=(1, 3)),
         # 240 iterations (120 generator + 120 discriminator steps) at batch 64: ~4.5 s each on 2 CPU cores
-        # (0.21-0.24 iterations/s measured), i.e. 19 minutes of the demo's training.
+        # (0.21-0.24 iterations/s measured), i.e. 18-19 minutes of the demo's training.
         train=dict(num_steps=240, teacher_checkpoint=TEACHER_WEIGHTS, log_every=20, ckpt_every=80, keep=2,
                    sample_every=80, num_samples=16),
     )
@@ -55,5 +45,5 @@ def get_config(arg=None):
     elif arg == "ladd":
         c.distill.use_scm = False
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of shapes.py (teacher, teacher_ae, scm, ladd)")
+        raise ValueError(f"unknown variant {arg!r} of shapes.py (teacher, scm, ladd)")
     return c

@@ -1,6 +1,6 @@
 """`make demo`: the main job on the embedded default, end to end on a CPU.
 
-1. the shapes dataset (built once through `prepare-data`, cached in runs/shapes_data),
+1. the shapes dataset (built once through `prepare-data`, cached in runs/shapes_ae_data),
 2. distillation of the shipped teacher into a one-step student with sCM + LADD (configs/shapes.py),
 3. the student exported as a params checkpoint and a diffusers folder,
 4. the run's health (per-term losses, discriminator accuracy on reals and fakes, tangent norm and warmup, by
@@ -25,12 +25,12 @@ def ensure_dataset(data_dir: Path, num: int = 10000, num_validation: int = 1000)
 
     if list(data_dir.glob("*/*/dataset_info.json")):
         return data_dir
-    prepare(shapes.caption_pairs(num, num_validation), data_dir, "builtin-s2d", "minilm", max_length=16,
+    prepare(shapes.caption_pairs(num, num_validation), data_dir, "builtin-ae", "minilm", max_length=16,
             batch_size=256, source="shapes")
     return data_dir
 
 
-def run_demo(workdir: Path, data_dir: Path = Path("runs/shapes_data"), overrides=(), num_eval: int = 500) -> dict:
+def run_demo(workdir: Path, data_dir: Path = Path("runs/shapes_ae_data"), overrides=(), num_eval: int = 500) -> dict:
     from sprintjax import evaluate
     from sprintjax.checkpoints import trained_params
     from sprintjax.configlib import load_config, parse_overrides

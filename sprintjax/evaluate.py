@@ -102,8 +102,9 @@ def reference_features(scenes, feat_params):
     return features.features(feat_params, np.stack([shapes.render(s) for s in scenes]))
 
 
-def noise_for(n: int, max_steps: int, seed: int = 0, channels: int = shapes.LATENT_CHANNELS) -> np.ndarray:
-    """The same initial noise (and per-step noise) for every method: [K, N, channels, 8, 8]."""
+def noise_for(n: int, max_steps: int, channels: int, seed: int = 0) -> np.ndarray:
+    """The same initial noise (and per-step noise) for every method: [K, N, channels, 8, 8] (channels: the
+    latent space's, 8 for `builtin-ae`, 48 for `builtin-s2d`)."""
     return np.asarray(jax.random.normal(jax.random.key(seed), (max_steps, n, channels, 8, 8)))
 
 
@@ -135,7 +136,7 @@ def run_benchmark(data_dir, out_dir: Path, models: dict, steps: dict, num: int =
     feat = features.load()
     ref = reference_features(scenes, feat)
     channels = pipeline.open_split(data_dir, "validation")[0]["latents"].shape[0]
-    noise = noise_for(len(caption), max(k for ks in steps.values() for k in ks), seed, channels)
+    noise = noise_for(len(caption), max(k for ks in steps.values() for k in ks), channels, seed)
     null = pipeline.load_null_caption(data_dir)[0]
     results, grids = {}, {}
     for kind in ("teacher", "teacher_trigflow", "student"):

@@ -48,9 +48,17 @@ def test_loading_is_strict_and_latent_spaces_are_named(tmp_path):
         shapes.codec_of_latents(16)
 
 
-def test_the_teacher_ae_config_matches_the_latent_space(codec):
+def test_the_benchmark_configs_match_the_latent_space(codec):
+    from sprintjax import demo
     from sprintjax.configlib import load_config, resolve
+    from sprintjax.convert import load_model
 
-    rc = resolve(load_config(str(Path(__file__).parents[1] / "configs" / "shapes.py") + ":teacher_ae"))
-    assert rc.model.in_channels == rc.model.out_channels == codec[2]
-    assert rc.train.stage == "teacher" and rc.data.dir.endswith("shapes_ae_data")
+    for variant in ("", ":teacher"):
+        rc = resolve(load_config(str(Path(__file__).parents[1] / "configs" / "shapes.py") + variant))
+        assert rc.model.in_channels == rc.model.out_channels == codec[2], variant
+        assert rc.data.dir.endswith("shapes_ae_data"), variant
+    assert rc.train.stage == "teacher"
+    # The shipped teacher the default config distils reads and writes these latents too.
+    default = resolve(load_config(str(demo.REPO / "configs" / "shapes.py")))
+    _, teacher_cfg = load_model(default.train.teacher_checkpoint)
+    assert teacher_cfg.in_channels == teacher_cfg.out_channels == codec[2]

@@ -56,7 +56,7 @@ def test_flow_euler_and_trigflow_euler_of_the_teacher_agree_with_many_steps(setu
     model = SanaTransformer(cfg)
     caption, mask, _ = evaluate.prompts(setup / "data", 4)
     null = pipeline.load_null_caption(setup / "data")[0]
-    noise = evaluate.noise_for(4, 1)
+    noise = evaluate.noise_for(4, 1, cfg.in_channels)
     gap = []
     for n in (4, 32):
         flow = evaluate.teacher_sampler(model, params, null, n)[0](noise, caption, mask)
