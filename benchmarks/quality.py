@@ -72,9 +72,11 @@ def table3(args) -> dict:
 
 
 def main(argv=None) -> None:
+    from sprintjax.demo import DATA_DIR, ensure_dataset
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("table", choices=["table1", "table2", "table3", "all"])
-    p.add_argument("--data", default=str(REPO / "runs" / "shapes_ae_data"), help="prepared shapes records")
+    p.add_argument("--data", default=str(REPO / DATA_DIR), help="prepared shapes records")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench")
     p.add_argument("--teacher", help="teacher checkpoint (default: the one configs/shapes.py distils)")
     p.add_argument("--student", default=str(REPO / "runs" / "demo" / "student"), help="student for table2")
@@ -82,7 +84,6 @@ def main(argv=None) -> None:
     p.add_argument("--num", type=int, default=500, help="validation prompts")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
     args, args.overrides = p.parse_known_args(argv)
-    from sprintjax.demo import ensure_dataset
 
     ensure_dataset(Path(args.data))
     for name in ("table1", "table2", "table3"):

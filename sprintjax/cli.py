@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sprintjax.demo import DATA_DIR as DEMO_DATA_DIR
 from sprintjax.errors import SprintjaxError
 
 
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the main job: distil the shipped shapes teacher, benchmark it (make demo)",
                        epilog="Override any field of configs/shapes.py with --config.section.key=value.")
     s.add_argument("--workdir", default="runs/demo")
-    s.add_argument("--data", default="runs/shapes_ae_data", help="shapes records (built here if missing)")
+    s.add_argument("--data", default=str(DEMO_DATA_DIR), help="shapes records (built here if missing)")
     s.add_argument("--num-eval", type=int, default=500, help="validation prompts to benchmark")
     s.set_defaults(fn=cmd_demo, takes_overrides=True)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import sprintjax
 
 REPO = Path(sprintjax.__file__).resolve().parents[1]
+DATA_DIR = Path("runs/shapes_ae_data")  # the benchmark's records (configs/shapes.py's data.dir), built once
 
 
 def ensure_dataset(data_dir: Path, num: int = 10000, num_validation: int = 1000) -> Path:
@@ -30,7 +31,7 @@ def ensure_dataset(data_dir: Path, num: int = 10000, num_validation: int = 1000)
     return data_dir
 
 
-def run_demo(workdir: Path, data_dir: Path = Path("runs/shapes_ae_data"), overrides=(), num_eval: int = 500) -> dict:
+def run_demo(workdir: Path, data_dir: Path = DATA_DIR, overrides=(), num_eval: int = 500) -> dict:
     from sprintjax import evaluate
     from sprintjax.checkpoints import trained_params
     from sprintjax.configlib import load_config, parse_overrides
