@@ -74,20 +74,29 @@ def cmd_export_mobile(a):
 
 
 def cmd_sample(a):
-    from sprintjax.convert import load_params
+    from sprintjax.checks import finite_input, finite_output
+    from sprintjax.convert import load_model, model_config_of
     from sprintjax.model import SanaTransformer
-    from sprintjax.sampling import sample_from_arrays
+    from sprintjax.sampling import check_inputs, sample_from_arrays
 
     if a.noise and a.seed is not None:
         raise SprintjaxError("give either --noise or --seed, not both")
-    params, cfg = load_params(a.ckpt)
-    caption = _load_npy(a.caption_embeds, "caption embeddings")
-    mask = _load_npy(a.caption_mask, "caption mask") if a.caption_mask else None
-    noise = _load_npy(a.noise, "noise") if a.noise else None
+    if a.steps < 1:
+        raise SprintjaxError(f"--steps must be >= 1, got {a.steps}")
+    # every input is checked before the weights load
+    caption = finite_input(_load_npy(a.caption_embeds, "caption embeddings"), "caption embeddings")
+    mask = finite_input(_load_npy(a.caption_mask, "caption mask"), "caption mask") if a.caption_mask else None
+    if mask is not None and not np.isin(mask, (0, 1)).all():
+        raise SprintjaxError("caption mask must hold only 0 (padding) and 1 (token)")
+    noise = finite_input(_load_npy(a.noise, "noise"), "noise", sample_axis=1) if a.noise else None
+    check_inputs(model_config_of(a.ckpt, "checkpoint"), caption, mask, noise, a.steps)
+    params, cfg = load_model(a.ckpt, "checkpoint")
     print(f"sampling {caption.shape[0]} latents in {a.steps} step(s) ...", flush=True)
     out = sample_from_arrays(SanaTransformer(cfg), params, caption, mask, steps=a.steps, noise=noise,
                              seed=a.seed or 0, height=a.height, width=a.width, guidance_scale=a.guidance,
                              t_mid=a.t_mid)
+    finite_output(out, f"sampling {a.ckpt}", "The inputs were finite: the checkpoint's weights (or the guidance "
+                  "scale) produce it for those captions.")
     _save_npy(a.out, out)
     print(f"wrote {a.out}: latents {out.shape} (x0 / sigma_d, the VAE's scale)")
 
@@ -285,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_export_mobile)
 
     s = sub.add_parser("sample", help="few-step TrigFlow sampling of a checkpoint; writes latents as .npy")
-    s.add_argument("ckpt", help="sprintjax params checkpoint folder (student or teacher)")
+    s.add_argument("ckpt", help="sprintjax params checkpoint or diffusers folder (student or teacher)")
     s.add_argument("--caption-embeds", required=True, help=".npy [B, L, caption_channels]")
     s.add_argument("--caption-mask", help=".npy [B, L] of 1 (token) / 0 (padding); default all ones")
     s.add_argument("--guidance", type=float, help="embedded guidance scale (students; default 4.5)")

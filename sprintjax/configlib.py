@@ -81,13 +81,21 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def _type_name(like: Any) -> str:
+    """How an expected type reads in an error message."""
+    if isinstance(like, tuple | list):
+        return "tuple (e.g. (1, 2))"
+    return "number" if isinstance(like, float) else type(like).__name__
+
+
 def _parse(raw: str, like: Any):
+    """`raw` parsed like the current value `like`; a ValueError (without the key) when it does not fit."""
     if isinstance(like, bool):
         if raw.lower() in ("true", "1", "yes"):
             return True
         if raw.lower() in ("false", "0", "no"):
             return False
-        raise ConfigError(f"expected a boolean, got {raw!r}")
+        raise ValueError("expected bool (true/false)")
     if isinstance(like, str):
         return raw
     try:
@@ -95,17 +103,18 @@ def _parse(raw: str, like: Any):
     except (ValueError, SyntaxError):
         if like is None:
             return raw
-        raise ConfigError(f"cannot parse {raw!r} as {type(like).__name__}") from None
-    if isinstance(like, float) and isinstance(value, int):
+        raise ValueError(f"expected {_type_name(like)}") from None
+    if isinstance(like, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if like is not None and not isinstance(value, type(like)) and not (isinstance(like, tuple | list)
-                                                                      and isinstance(value, tuple | list)):
-        raise ConfigError(f"expected {type(like).__name__}, got {raw!r}")
+    if like is not None and (not isinstance(value, type(like)) or isinstance(value, bool) != isinstance(like, bool)) \
+            and not (isinstance(like, tuple | list) and isinstance(value, tuple | list)):
+        raise ValueError(f"expected {_type_name(like)}, got a {type(value).__name__}")
     return tuple(value) if isinstance(value, list) else value
 
 
 def apply_override(cfg: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
-    """Sets `a.b.c = raw` (parsed like the current value); an unknown key is an error."""
+    """Sets `a.b.c = raw` (parsed like the current value); an unknown key or a value of the wrong type is a
+    ConfigError naming the key, the value and the expected type."""
     *parents, leaf = dotted.split(".")
     node = cfg
     for i, key in enumerate(parents):
@@ -116,8 +125,8 @@ def apply_override(cfg: ml_collections.ConfigDict, dotted: str, raw: str) -> Non
         raise ConfigError(f"unknown config key: {dotted}")
     try:
         node[leaf] = _parse(raw, node[leaf])
-    except TypeError as e:
-        raise ConfigError(f"cannot set {dotted} to {raw!r}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--config.{dotted}={raw!r}: {e}") from None
 
 
 def parse_overrides(cfg: ml_collections.ConfigDict, argv: list[str]) -> ml_collections.ConfigDict:
@@ -145,6 +154,17 @@ def _typed(cls, section, name):
         raise ConfigError(f"unknown config keys in {name}: {unknown}")
     d = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list | tuple) else v
          for k, v in d.items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for key, value in d.items():  # a config file's value of the wrong type (overrides are checked on parsing)
+        like = defaults.get(key)
+        if like is None or value is None:
+            continue
+        fits = isinstance(value, type(like)) and isinstance(value, bool) == isinstance(like, bool)
+        if isinstance(like, float):
+            fits = isinstance(value, int | float) and not isinstance(value, bool)
+        if not fits:
+            raise ConfigError(f"config.{name}.{key} = {value!r}: expected {_type_name(like)}, got a "
+                              f"{type(value).__name__}")
     return cls(**d)
 
 

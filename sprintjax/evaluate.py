@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sprintjax import detector, features, shapes, trigflow
+from sprintjax.checks import finite_output, nonfinite_samples
 from sprintjax.data import pipeline
+from sprintjax.errors import CheckpointError
 from sprintjax.fileio import atomic_write_bytes
 from sprintjax.model import SanaTransformer
 
@@ -84,11 +86,16 @@ def _timed(fn, *args, repeats: int = 5) -> float:
 
 
 def evaluate(run, nfe: int, caption, mask, scenes, noise, ref_feats, feat_params, batch: int = 100,
-             throughput_batch: int = 10) -> tuple[dict, np.ndarray]:
-    """Samples every prompt (in batches), scores them, times batch 1 and `throughput_batch`."""
+             throughput_batch: int = 10, name: str = "model") -> tuple[dict, np.ndarray]:
+    """Samples every prompt (in batches), scores them, times batch 1 and `throughput_batch`. Non-finite
+    latents are an error naming the method, the samples and their prompts (a NaN would poison the FD)."""
     outs = [np.asarray(run(noise[:, i:i + batch], caption[i:i + batch], mask[i:i + batch]))
             for i in range(0, len(caption), batch)]
     latents = np.concatenate(outs)
+    bad = nonfinite_samples(latents)
+    if bad:
+        finite_output(latents, f"eval of {name}", "Their prompts: " + "; ".join(
+            f"{i}: {scenes[i].caption!r}" for i in bad[:3]) + ". Inputs (embeddings, shared noise) are finite.")
     images = shapes.codec_of_latents(latents.shape[1])[1](latents)
     result = {"fd": features.frechet_distance(features.features(feat_params, images), ref_feats),
               **detector.compositional_score(images, scenes), "nfe": nfe}
@@ -130,12 +137,16 @@ def write_results(out_dir: Path, results: dict, grids: dict[str, np.ndarray], co
 def run_benchmark(data_dir, out_dir: Path, models: dict, steps: dict, num: int = 500, seed: int = 0) -> dict:
     """Evaluates {"teacher": path, "student": path} at the step counts of `steps` (keys "teacher" (Flow-Euler),
     "teacher_trigflow" (TrigFlow-Euler of the same teacher) and "student"); writes the results folder."""
-    from sprintjax.convert import load_model
+    from sprintjax.convert import load_model, model_config_of
 
     caption, mask, scenes = prompts(data_dir, num)
+    channels = pipeline.open_split(data_dir, "validation")[0]["latents"].shape[0]
+    for role, path in models.items():  # every model checked (cheaply) before the first is loaded
+        if path and model_config_of(path, f"--{role}").in_channels != channels:
+            raise CheckpointError(f"--{role} {path} takes {model_config_of(path).in_channels}-channel latents; the "
+                                  f"records of {data_dir} have {channels}")
     feat = features.load()
     ref = reference_features(scenes, feat)
-    channels = pipeline.open_split(data_dir, "validation")[0]["latents"].shape[0]
     noise = noise_for(len(caption), max(k for ks in steps.values() for k in ks), channels, seed)
     null = pipeline.load_null_caption(data_dir)[0]
     results, grids = {}, {}
@@ -149,6 +160,6 @@ def run_benchmark(data_dir, out_dir: Path, models: dict, steps: dict, num: int =
                         else teacher_sampler(model, params, null, k, solver="trigflow" if "trig" in kind else "flow"))
             print(f"evaluating {kind}_{k} on {len(caption)} prompts ...", flush=True)
             results[f"{kind}_{k}"], grids[f"{kind}_{k}"] = evaluate(run, nfe, caption, mask, scenes, noise[:k], ref,
-                                                                   feat)
+                                                                   feat, name=f"{kind}_{k}")
     write_results(out_dir, results, grids)
     return results

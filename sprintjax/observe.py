@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ HEALTH_KEYS = ("scm_loss", "adv_loss", "g_loss", "d_loss", "d_acc_real", "d_acc_
 
 
 class NonFiniteLoss(SprintjaxError):
-    """Too many consecutive non-finite losses: the run stops (after saving) instead of burning compute."""
+    """Too many consecutive non-finite steps: the run stops instead of burning compute."""
 
 
 class MetricsLog:
@@ -41,8 +40,8 @@ class MetricsLog:
         self.progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=self.writer,
                                                         every_steps=log_every)
         self.jsonl = workdir / "metrics.jsonl"
-        self.loss_keys, self.phase_keys = loss_keys, phase_keys
-        self.max_nonfinite, self.nonfinite_run = max_nonfinite, 0
+        self.loss_keys, self.phase_keys, self.max_nonfinite = loss_keys, phase_keys, max_nonfinite
+        self.last_saved: Path | None = None  # the newest checkpoint saved (the trainer never saves in a streak)
         self.buffer: list[tuple[int, dict]] = []
         self.num_steps, self.last = num_steps, None  # (step, time) of the previous flush, for steps/s and ETA
 
@@ -51,24 +50,26 @@ class MetricsLog:
         self.progress(step)
 
     def flush(self) -> None:
-        """Fetches the buffered metrics in one transfer, writes them, and watches for non-finite losses."""
+        """Fetches the buffered metrics in one transfer and writes them. Steps report `nonfinite_run`, the
+        streak of skipped (non-finite) steps counted on device (train.guarded); `halted` steps, run after the
+        streak reached max_nonfinite, did nothing and are not written. A full streak raises NonFiniteLoss."""
         if not self.buffer:
             return
         steps, host = zip(*jax.device_get(self.buffer), strict=True)
         self.buffer = []
-        rows = []
+        rows, stop = [], None
         for step, m in zip(steps, host, strict=True):
-            phase = int(m.get("phase", 0))
-            keep = self.phase_keys[phase] | {"phase"} if self.phase_keys else set(m)
-            row = {k: float(v) for k, v in m.items() if k in keep}
-            rows.append({"step": int(step), **row})
-            loss = row.get(self.loss_keys[phase], 0.0)
-            if math.isfinite(loss):
-                self.nonfinite_run = 0
-            else:
-                self.nonfinite_run += 1
-                log.warning("non-finite %s at step %d (%d in a row)", self.loss_keys[phase], step, self.nonfinite_run)
-        if self.main:
+            if int(m.get("halted", 0)):
+                continue
+            phase, streak = int(m.get("phase", 0)), int(m.get("nonfinite_run", 0))
+            keep = self.phase_keys[phase] | {"phase"} if self.phase_keys else set(m) - {"halted", "nonfinite_run"}
+            rows.append({"step": int(step), **{k: float(v) for k, v in m.items() if k in keep}})
+            if streak:
+                log.warning("non-finite step %d (%s=%s; update skipped, %d in a row)", step, self.loss_keys[phase],
+                            rows[-1].get(self.loss_keys[phase]), streak)
+            if streak >= self.max_nonfinite:
+                stop = (int(step) - streak + 1, int(step))
+        if self.main and rows:
             with open(self.jsonl, "a") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
@@ -83,9 +84,11 @@ class MetricsLog:
             self.last = (last_step, now)
             log.info("step %d/%d%s %s", last_step, self.num_steps, speed,
                      " ".join(f"{k}={v:.4g}" for k, v in sorted(means.items())))
-        if self.nonfinite_run >= self.max_nonfinite:
-            raise NonFiniteLoss(f"{self.nonfinite_run} consecutive non-finite losses (last at step {steps[-1]}); "
-                                "stopping. The last checkpoint before them is kept.")
+        if stop:
+            kept = (f"the last checkpoint, saved before them, is {self.last_saved}" if self.last_saved else
+                    "no checkpoint was saved before them")
+            raise NonFiniteLoss(f"{self.max_nonfinite} consecutive non-finite steps (iterations {stop[0]}-{stop[1]}, "
+                                f"their updates skipped); stopped. {kept}")
 
     def diagnostics(self, step: int, scalars: dict, histograms: dict) -> None:
         """JVP diagnostics: TensorBoard scalars and histograms, and one line of diagnostics.jsonl."""

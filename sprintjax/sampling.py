@@ -43,13 +43,15 @@ def sample_latents(model, params, caption, caption_mask, noise, times, guidance_
 
 
 def check_inputs(cfg, caption, caption_mask, noise, steps):
-    """Clear errors for files that do not fit each other or the checkpoint's config."""
+    """Clear errors for files that do not fit each other or the checkpoint's config (noise None: not given)."""
     if caption.ndim != 3 or caption.shape[-1] != cfg.caption_channels:
         raise ShapeError(f"caption embeddings must be [B, L, {cfg.caption_channels}] for this checkpoint, "
                          f"got {tuple(caption.shape)}")
     if caption_mask is not None and tuple(caption_mask.shape) != tuple(caption.shape[:2]):
         raise ShapeError(f"caption mask must be {tuple(caption.shape[:2])} (the embeddings' [B, L]), "
                          f"got {tuple(caption_mask.shape)}")
+    if noise is None:  # drawn later from a seed, of the right shape
+        return
     want = f"[{steps}, {caption.shape[0]}, {cfg.in_channels}, H, W]"
     if noise.ndim != 5 or noise.shape[0] != steps or noise.shape[1] != caption.shape[0] \
             or noise.shape[2] != cfg.in_channels:

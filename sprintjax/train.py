@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sprintjax import trigflow
 from sprintjax.checkpoints import Checkpoints
 from sprintjax.configlib import RunConfig, resolve
+from sprintjax.convert import is_diffusers_folder
 from sprintjax.convert.params_ckpt import load_params
 from sprintjax.data import pipeline
 from sprintjax.distill import Distiller
@@ -29,6 +30,7 @@ from sprintjax.flow import TeacherTrainer, adapt_params
 from sprintjax.model import SanaTransformer
 from sprintjax.observe import MetricsLog
 from sprintjax.sharding import batch_sharding, data_parallel_size, make_mesh, tree_shardings
+from sprintjax.workdir import claimed
 
 log = logging.getLogger("sprintjax")
 
@@ -39,8 +41,6 @@ def _data_dir(rc: RunConfig, workdir: Path) -> Path:
 
     if rc.data.dir:
         return Path(rc.data.dir)
-    if not rc.data.synthetic:
-        raise ConfigError("data.dir is empty and data.synthetic is 0: there is nothing to train on")
     target = workdir / "data"
     if jax.process_index() == 0 and not list(target.glob("*/*/dataset_info.json")):
         m = rc.model
@@ -55,28 +55,46 @@ def _data_dir(rc: RunConfig, workdir: Path) -> Path:
     return target
 
 
+def _check_inputs(rc: RunConfig, mesh) -> None:
+    """Everything a run can be refused for, checked before the workdir is touched: the batch over the mesh
+    and the processes, the teacher checkpoint (its kind and architecture) and the training records."""
+    gb, dp = rc.data.global_batch, data_parallel_size(mesh)
+    if gb % dp:
+        raise ConfigError(f"global batch {gb} does not divide over the {dp} data-parallel devices of mesh "
+                          f"{dict(mesh.shape)}")
+    if gb % jax.process_count():
+        raise ConfigError(f"global batch {gb} does not divide over {jax.process_count()} processes")
+    if rc.train.teacher_checkpoint:
+        from sprintjax.convert import model_config_of
+
+        src = model_config_of(rc.train.teacher_checkpoint, "train.teacher_checkpoint")
+        src = src.replace(**rc.model.compute_settings())
+        if src != rc.model and (rc.train.stage != "teacher" or is_diffusers_folder(rc.train.teacher_checkpoint)):
+            raise CheckpointError(f"teacher {rc.train.teacher_checkpoint} does not match config.model:\n{src}\n"
+                                  f"vs\n{rc.model}")
+    if rc.data.dir:
+        pipeline.open_split(rc.data.dir, rc.data.split)
+        pipeline.load_null_caption(rc.data.dir)
+    elif not rc.data.synthetic:
+        raise ConfigError("data.dir is empty and data.synthetic is 0: there is nothing to train on")
+
+
 def _teacher_params(rc: RunConfig, mesh, key):
-    """The frozen teacher (distillation) or the model to adapt (teacher stage), placed by its shardings."""
+    """The frozen teacher (distillation) or the model to adapt (teacher stage), placed by its shardings;
+    the checkpoint's kind and architecture were checked by _check_inputs."""
     model = SanaTransformer(rc.model)
     shardings = tree_shardings(model.param_shapes(), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
     if not rc.train.teacher_checkpoint:
         return jax.jit(model.init, out_shardings=shardings)(key), shardings
-    from sprintjax.convert import diffusers_to_params, is_diffusers_folder
+    from sprintjax.convert import diffusers_to_params
     from sprintjax.convert.params_ckpt import read_model_config
 
     if is_diffusers_folder(rc.train.teacher_checkpoint):  # a diffusers transformer or pipeline folder
-        params, src_cfg = diffusers_to_params(rc.train.teacher_checkpoint)
-        src_cfg = src_cfg.replace(**rc.model.compute_settings())
-        if src_cfg != rc.model:
-            raise CheckpointError(f"teacher {rc.train.teacher_checkpoint} does not match config.model:\n{src_cfg}\n"
-                                  f"vs\n{rc.model}")
+        params, _ = diffusers_to_params(rc.train.teacher_checkpoint)
         return jax.device_put(params, shardings), shardings
     src_cfg = read_model_config(rc.train.teacher_checkpoint).replace(**rc.model.compute_settings())
     if src_cfg == rc.model:
         return load_params(rc.train.teacher_checkpoint, src_cfg, shardings, check_finite=False)[0], shardings
-    if rc.train.stage != "teacher":
-        raise CheckpointError(f"teacher checkpoint {rc.train.teacher_checkpoint} has a different architecture "
-                              f"than config.model:\n{src_cfg}\nvs\n{rc.model}")
     src, _ = load_params(rc.train.teacher_checkpoint, src_cfg, check_finite=False)  # e.g. without QK-norm
     return jax.jit(lambda p, k: adapt_params(p, model, k), out_shardings=shardings)(src, key), shardings
 
@@ -124,6 +142,24 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
     return SimpleNamespace(runner=runner, init=init, steps=steps, abstract=abstract, state_sh=state_sh)
 
 
+def guarded(step_fn, max_nonfinite: int):
+    """step(state, batch, rng) -> step((state, streak), batch, rng) that stops at exactly `max_nonfinite`
+    consecutive non-finite steps without a host sync per step: `streak` counts, on device, the steps in a row
+    that were skipped (a step is skipped when its gradient is not finite: it leaves `state.step` where it
+    was); once it reaches the limit, later calls return the state unchanged and report `halted`, and the host
+    stops at its next metrics fetch. (A select, not a cond: no second trace of the step, and elementwise, so
+    it fuses into the in-place update of the donated state.)"""
+    def run(carry, batch, rng):
+        state, streak = carry
+        halted = streak >= max_nonfinite
+        new, metrics = step_fn(state, batch, rng)
+        new = jax.tree.map(lambda n, o: jnp.where(halted, o, n), new, state)
+        streak = jnp.where(halted, streak, jnp.where(new.step > state.step, 0, streak + 1))
+        return (new, streak), dict(metrics, nonfinite_run=streak, halted=halted.astype(jnp.int32))
+
+    return run
+
+
 def compiled_step(step_fn, seed: int, state_sh, batch_sh, rep):
     """jit of step(state, batch, iteration) with explicit shardings and the state donated; the RNG of an
     iteration is fold_in(key(seed), iteration), so a resumed run draws exactly the same numbers. The step is
@@ -138,20 +174,21 @@ def compiled_step(step_fn, seed: int, state_sh, batch_sh, rep):
 
 
 def train(config, workdir: str | Path) -> str:
-    """Runs (or resumes) a training job; returns "done" or "preempted"."""
-    # ------------------------------------------------------------------ 1. config, mesh, workdir
+    """Runs (or resumes) a training job; returns "done" or "preempted".
+
+    Everything the run could be refused for is checked before the workdir is created or locked; the workdir
+    is then held by this job alone (sprintjax.workdir), and a run refused during setup leaves no trace.
+    """
+    # ------------------------------------------------------------------ 1. config, mesh, checks, workdir
     rc = resolve(config)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(rc.mesh)
-    gb, dp = rc.data.global_batch, data_parallel_size(mesh)
-    if gb % dp:
-        raise ConfigError(f"global batch {gb} does not divide over the {dp} data-parallel devices of mesh "
-                          f"{dict(mesh.shape)}")
-    if gb % jax.process_count():
-        raise ConfigError(f"global batch {gb} does not divide over {jax.process_count()} processes")
-    if jax.process_index() == 0:
-        atomic_write_bytes(workdir / "config.json", config.to_json(indent=2, sort_keys=True).encode())
+    _check_inputs(rc, mesh)
+    with claimed(workdir) as claim:
+        return _run(rc, config, Path(workdir).absolute(), mesh, claim)
+
+
+def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
+    gb = rc.data.global_batch
     log.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), mesh.size, jax.process_count())
 
     # ------------------------------------------------------------------ 2. data
@@ -187,7 +224,9 @@ def train(config, workdir: str | Path) -> str:
     # ------------------------------------------------------------------ 5. the compiled step
     rep = NamedSharding(mesh, PartitionSpec())
     batch_sh = batch_sharding(mesh)
-    step = compiled_step(p.steps["train"], rc.train.seed, state_sh, batch_sh, rep)
+    step = compiled_step(guarded(p.steps["train"], rc.train.max_nonfinite), rc.train.seed, (state_sh, rep),
+                         batch_sh, rep)
+    streak = jax.device_put(np.int32(0), rep)  # consecutive skipped (non-finite) steps, kept on device
     to_global = lambda local: jax.tree.map(  # noqa: E731
         lambda a: jax.make_array_from_process_local_data(batch_sh, a, (gb,) + a.shape[1:]), local)
 
@@ -201,6 +240,7 @@ def train(config, workdir: str | Path) -> str:
         phase_keys, loss_keys = None, {0: "flow_loss"}
     metrics = MetricsLog(workdir, loss_keys, phase_keys, rc.train.max_nonfinite, rc.train.num_steps,
                          rc.train.log_every)
+    metrics.last_saved = ckpts.directory / str(start) if restored else None
     sampler = None
     if rc.train.sample_every:
         source = pipeline.open_split(data_dir, rc.data.split)
@@ -208,12 +248,15 @@ def train(config, workdir: str | Path) -> str:
         sampler = _sampler(rc, runner, jnp.asarray(np.stack([e["caption"] for e in examples]), jnp.float32),
                            jnp.asarray(np.stack([e["caption_mask"] for e in examples]), jnp.float32))
     diag = _diagnostics(rc, runner, peek) if rc.train.diag_every and rc.train.stage == "distill" else None
+    if jax.process_index() == 0:
+        atomic_write_bytes(workdir / "config.json", config.to_json(indent=2, sort_keys=True).encode())
+    claim["started"] = True  # from here on the workdir holds this run's work: an error keeps it
     preempted = []
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     status = "done"
     try:
         for it in range(start, rc.train.num_steps):
-            state, m = step(state, to_global(next(data_it)), np.int32(it))
+            (state, streak), m = step((state, streak), to_global(next(data_it)), np.int32(it))
             done = it + 1
             metrics.add(done, m)
             if rc.train.profile_at == done:
@@ -233,7 +276,10 @@ def train(config, workdir: str | Path) -> str:
                 log.warning("preemption signal: saved the checkpoint at iteration %d, exiting", done)
                 break
             if done % rc.train.ckpt_every == 0 or done == rc.train.num_steps:
-                ckpts.save(done, state, data_it, meta)
+                if int(streak):  # a save inside a non-finite streak would not precede it
+                    log.warning("not saving iteration %d: it is inside a run of non-finite steps", done)
+                elif ckpts.save(done, state, data_it, meta):
+                    metrics.last_saved = ckpts.directory / str(done)
     finally:
         signal.signal(signal.SIGTERM, previous)
         ckpts.wait()

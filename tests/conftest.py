@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs covering every model option, and random-weight diffusers models saved once."""
 
+import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -104,7 +105,18 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """An uninterrupted run on one device: the baseline every other run is compared with."""
-    wd = tmp_path_factory.mktemp("ref") / "run"
-    out = run(wd, "--config.train.diag_every=8", "--config.train.diag_bins=4")  # diagnostics change no state
-    return wd, out
+    """An uninterrupted run on one device: the baseline every other run is compared with. Made once per
+    session: the first xdist worker to need it trains it, the other waits for it (a file lock in their shared
+    temporary root) instead of training the same run beside it. Tests only read it (or copy it)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's root, shared by its workers (never by another session)
+    wd, log = root / "reference" / "run", root / "reference" / "output.json"
+    with FileLock(str(root / "reference.lock")):
+        if not log.is_file():
+            out = run(wd, "--config.train.diag_every=8", "--config.train.diag_bins=4")  # diagnostics change no state
+            log.write_text(json.dumps({"stdout": out.stdout, "stderr": out.stderr}))
+    out = json.loads(log.read_text())
+    return wd, subprocess.CompletedProcess([], 0, out["stdout"], out["stderr"])

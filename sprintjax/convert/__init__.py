@@ -30,10 +30,37 @@ def is_diffusers_folder(path: str | Path) -> bool:
         or (path / "model_index.json").is_file()
 
 
-def load_model(path: str | Path) -> tuple[dict, ModelConfig]:
-    """Params and config from a sprintjax params checkpoint or a diffusers transformer or pipeline folder."""
+def model_config_of(path: str | Path, what: str = "model") -> ModelConfig:
+    """The config of a sprintjax params checkpoint or diffusers folder, read without its weights: the cheap
+    check a command makes before it loads models or writes anything."""
+    from sprintjax.convert.diffusers_io import read_config
+    from sprintjax.convert.params_ckpt import read_model_config
+    from sprintjax.errors import CheckpointError
+
+    path = Path(path)
+    kinds = "a sprintjax params checkpoint (model_config.json + params/) or a diffusers transformer or " \
+            "pipeline folder (config.json or model_index.json + safetensors)"
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist; give {kinds}")
+    if not path.is_dir():
+        raise CheckpointError(f"{what} {path} is a file, not a folder; give {kinds}")
     if is_diffusers_folder(path):
-        return diffusers_to_params(path)
+        pipeline_transformer = path / "transformer"
+        return read_config(pipeline_transformer if (path / "model_index.json").is_file() else path)
+    if not (path / "model_config.json").is_file():
+        raise CheckpointError(f"{what} {path} is neither kind of model folder; give {kinds}")
+    return read_model_config(path)
+
+
+def load_model(path: str | Path, what: str = "model") -> tuple[dict, ModelConfig]:
+    """Params and config from a sprintjax params checkpoint or a diffusers transformer or pipeline folder."""
+    from sprintjax.checks import finite_params
+
+    model_config_of(path, what)
+    if is_diffusers_folder(path):
+        params, cfg = diffusers_to_params(path)
+        finite_params(params, f"{what} {path}")
+        return params, cfg
     return load_params(path)
 
 
@@ -53,5 +80,5 @@ def export_diffusers(src: str | Path, dst: str | Path, force: bool = False) -> M
 
 __all__ = [
     "diffusers_to_params", "export_diffusers", "import_diffusers", "is_diffusers_folder", "load_model", "load_params",
-    "params_to_diffusers", "save_params",
+    "model_config_of", "params_to_diffusers", "save_params",
 ]

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sprintjax.checks import finite_output
 from sprintjax.errors import SprintjaxError
 from sprintjax.fileio import atomic_dir
 
 WEIGHTS = ("float32", "float16", "int8")
 FORMATS = ("pte", "onnx")
+FINITE_IN = "The example inputs (seeded noise, caption embeddings) are finite: the weights produce it."
 
 
 def torch_modules():
@@ -201,6 +203,8 @@ def export_mobile(params, cfg, out: str | Path, steps=(1,), batch: int = 1, heig
             reference = np.asarray(sample_latents(
                 SanaTransformer(cfg.replace(dtype="float32")), params, inputs[1], inputs[2], inputs[0],
                 trigflow.schedule(k), guidance if cfg.guidance_embeds else None)) if verify else None
+            if reference is not None:
+                finite_output(reference, f"sprintjax's {k}-step sampler on the export's example inputs", FINITE_IN)
             for w in weights:
                 report["artifacts"].update(_export_one(params, cfg, tmp, k, w, formats, guidance, inputs, reference,
                                                        log))
@@ -216,6 +220,7 @@ def _export_one(params, cfg, folder: Path, steps: int, weights: str, formats, gu
     args = tuple(torch.from_numpy(a) for a in inputs)
     with torch.no_grad():
         eager = module(*args).numpy()
+        finite_output(eager, f"the {steps}-step generator with {weights} weights (PyTorch)", FINITE_IN)
         log(f"torch.export: {steps}-step generator, {weights} weights ...")
         program = torch.export.export(module, args)
     out = {}
@@ -234,6 +239,7 @@ def _export_one(params, cfg, folder: Path, steps: int, weights: str, formats, gu
         if reference is not None:
             run = (pte_runner if fmt == "pte" else onnx_runner)(folder / name)
             got = run(inputs)
+            finite_output(got, f"{name} run in its runtime", FINITE_IN)
             entry.update(rel_err_vs_sprintjax=_rel(got, reference), rel_err_vs_eager_torch=_rel(got, eager),
                          latency_s=_timed(run, inputs))
         out[name] = entry

@@ -43,7 +43,16 @@ def is_workdir(path: Path) -> bool:
 
 def read_source(src: str | Path, part: str = "auto", step: int | None = None) -> Source:
     """The params to export. part: auto (the EMA if the run kept one, else the trained model), student, ema, or
-    teacher (a distillation run's frozen teacher, read from its train.teacher_checkpoint)."""
+    teacher (a distillation run's frozen teacher, read from its train.teacher_checkpoint). Weights holding a
+    NaN or Inf are refused (an export never writes them)."""
+    from sprintjax.checks import finite_params
+
+    source = _read_source(src, part, step)
+    finite_params(source.params, source.description)
+    return source
+
+
+def _read_source(src: str | Path, part: str, step: int | None) -> Source:
     from sprintjax.checkpoints import trained_params
     from sprintjax.convert import load_model
 

@@ -151,9 +151,37 @@ def prepare(splits: dict, out: str | Path, vae: str, text_encoder: str, resoluti
     splits: {split name: [(image path or uint8 [H, W, 3] array, caption), ...]}; vae: a diffusers
     AutoencoderDC folder, `builtin-s2d` or `builtin-ae`; text_encoder: a transformers folder or `minilm`.
     """
+    out = Path(out)
+    _check_sources(splits, vae, text_encoder)  # before any model loads or anything is written
+    fresh = not (out / ".staging").is_dir()
+    created = not out.exists()
+    try:
+        return _prepare(splits, out, vae, text_encoder, resolution, max_length, batch_size, instruction, progress,
+                        source)
+    except BaseException:
+        staging = out / ".staging"
+        if fresh and staging.is_dir() and not list(staging.glob("*.safetensors")):  # nothing worth resuming
+            shutil.rmtree(staging)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _check_sources(splits: dict, vae: str, text_encoder: str) -> None:
+    """The model folders exist and every image decodes (one error listing the bad ones)."""
+    from sprintjax.checks import images_decode
+
+    for what, folder in (("--vae", vae), ("--text-encoder", text_encoder)):
+        if not folder.startswith("builtin-") and folder != "minilm" and not Path(folder).is_dir():
+            raise DataError(f"{what} {folder} is not a folder (give a local diffusers / transformers folder)")
+    resolve_text_encoder(text_encoder)
+    images_decode([p for pairs in splits.values() for p, _ in pairs])
+
+
+def _prepare(splits, out: Path, vae, text_encoder, resolution, max_length, batch_size, instruction, progress,
+             source) -> Path:
     from tqdm import tqdm
 
-    out = Path(out)
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
     meta = {"splits": {k: len(v) for k, v in splits.items()}, "batch_size": batch_size, "resolution": resolution,
