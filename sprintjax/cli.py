@@ -33,9 +33,16 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _refuse_existing(path: str, force: bool) -> None:
+    """An output that exists is refused before any work (the writers check again, atomically)."""
+    if Path(path).exists() and not force:
+        raise SprintjaxError(f"{Path(path).absolute()} already exists; pass --force to overwrite it")
+
+
 def cmd_import_diffusers(a):
     from sprintjax.convert import import_diffusers
 
+    _refuse_existing(a.dst, a.force)
     print(f"reading diffusers weights from {a.src} ...", flush=True)
     cfg = import_diffusers(a.src, a.dst, force=a.force)
     print(f"wrote sprintjax params checkpoint {a.dst} ({cfg.num_layers} layers, hidden {cfg.hidden_size})")
@@ -43,8 +50,10 @@ def cmd_import_diffusers(a):
 
 def cmd_export_diffusers(a):
     from sprintjax.convert import params_to_diffusers
-    from sprintjax.convert.pipeline import read_source, write_pipeline
+    from sprintjax.convert.pipeline import check_components, read_source, write_pipeline
 
+    _refuse_existing(a.dst, a.force)
+    check_components(a.vae, a.text_encoder, a.tokenizer)  # before the weights are read
     source = read_source(a.src, a.part, a.step)
     print(f"read {source.description}", flush=True)
     if a.transformer_only:
@@ -63,6 +72,7 @@ def cmd_export_mobile(a):
     from sprintjax.convert.mobile import export_mobile, format_report
     from sprintjax.convert.pipeline import read_source
 
+    _refuse_existing(a.out, a.force)
     source = read_source(a.src, a.part, a.step)
     print(f"read {source.description}", flush=True)
     csv = lambda text: [x for x in text.split(",") if x]  # noqa: E731

@@ -194,3 +194,24 @@ def test_a_batch_that_does_not_divide_over_the_devices_leaves_no_trace(tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "global batch 3 does not divide over the 2 data-parallel devices" in out.stderr
     assert not wd.exists()
+
+
+def test_exports_check_their_outputs_and_component_folders_before_reading_any_weights(tmp_path, capsys,
+                                                                                      monkeypatch):
+    from sprintjax.convert import pipeline
+
+    def no_read(*a, **k):
+        raise AssertionError("weights were read before the cheap checks")
+
+    monkeypatch.setattr(pipeline, "read_source", no_read)
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "not_a_vae").mkdir()
+    for argv, message in [
+        (["export-diffusers", "SRC", str(tmp_path / "exists")], "already exists; pass --force"),
+        (["export-mobile", "SRC", str(tmp_path / "exists")], "already exists; pass --force"),
+        (["export-diffusers", "SRC", str(tmp_path / "new"), "--vae", str(tmp_path / "not_a_vae")],
+         "is not a saved vae folder (no config.json)"),
+    ]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -88,19 +88,27 @@ def _read_source(src: str | Path, part: str, step: int | None) -> Source:
     return Source(params, cfg, f"teacher-stage run {src.name}, step {got}", run, got)
 
 
-def _copy_component(src: str | Path, dst: Path, name: str) -> list:
-    """Copies a saved component folder; returns its model_index.json entry (library, class) read from it."""
-    src = Path(src)
-    config = src / ("tokenizer_config.json" if name == "tokenizer" else "config.json")
-    if not config.is_file():
-        raise CheckpointError(f"--{name.replace('_', '-')} {src} is not a saved {name} folder (no {config.name})")
-    pickles = sorted(p.name for p in src.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-    if pickles:
-        raise CheckpointError(f"{src} holds pickle files {pickles[:3]}: only safetensors folders are copied")
-    meta = json.loads(config.read_text())
-    cls = meta.get("_class_name") or meta.get("tokenizer_class") or (meta.get("architectures") or [None])[0]
-    shutil.copytree(src, dst / name)
-    return [COMPONENTS[name][0], cls or COMPONENTS[name][1]]
+def check_components(vae=None, text_encoder=None, tokenizer=None) -> dict[str, tuple[Path, list]]:
+    """{name: (folder, model_index.json entry)} of the component folders given, each checked (a saved folder
+    of that kind, no pickle files) before any weights are read or anything is written. A text encoder folder
+    saved with its tokenizer (SANA's Gemma folders) gives the tokenizer too."""
+    if text_encoder and tokenizer is None and (Path(text_encoder) / "tokenizer_config.json").is_file():
+        tokenizer = text_encoder
+    out = {}
+    for name, src in (("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer)):
+        if not src:
+            continue
+        src = Path(src)
+        config = src / ("tokenizer_config.json" if name == "tokenizer" else "config.json")
+        if not config.is_file():
+            raise CheckpointError(f"--{name.replace('_', '-')} {src} is not a saved {name} folder (no {config.name})")
+        pickles = sorted(p.name for p in src.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        if pickles:
+            raise CheckpointError(f"{src} holds pickle files {pickles[:3]}: only safetensors folders are copied")
+        meta = json.loads(config.read_text())
+        cls = meta.get("_class_name") or meta.get("tokenizer_class") or (meta.get("architectures") or [None])[0]
+        out[name] = (src, [COMPONENTS[name][0], cls or COMPONENTS[name][1]])
+    return out
 
 
 def model_card(source: Source, components: dict, guidance: float) -> str:
@@ -143,9 +151,7 @@ def write_pipeline(dst: str | Path, source: Source, vae=None, text_encoder=None,
 
     cfg = source.cfg.replace(dtype="float32", remat="none")
     state = params_to_state_dict(source.params, cfg, SanaTransformer(cfg).param_shapes())  # checked first
-    if text_encoder and tokenizer is None and (Path(text_encoder) / "tokenizer_config.json").is_file():
-        tokenizer = text_encoder  # a folder saved with both, as SANA's Gemma folders are
-    given = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    given = check_components(vae, text_encoder, tokenizer)
     with atomic_dir(dst, force=force) as tmp:
         write_diffusers(tmp / "transformer", cfg, state)
         (tmp / "scheduler").mkdir()
@@ -153,11 +159,11 @@ def write_pipeline(dst: str | Path, source: Source, vae=None, text_encoder=None,
             {**SCHEDULER, "_diffusers_version": diffusers.__version__}, indent=2) + "\n")
         index = {"_class_name": "SanaSprintPipeline", "_diffusers_version": diffusers.__version__}
         components = {"transformer": COMPONENTS["transformer"], "scheduler": COMPONENTS["scheduler"]}
-        for name, folder in given.items():
-            if folder:
-                components[name] = _copy_component(folder, tmp, name)
+        for name, (folder, entry) in given.items():
+            shutil.copytree(folder, tmp / name)
+            components[name] = entry
         for name in COMPONENTS:
             index[name] = components.get(name, [None, None])
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(source, components, guidance))
-    return [k for k in given if k not in components]
+    return [k for k in ("vae", "text_encoder", "tokenizer") if k not in components]
