@@ -52,14 +52,15 @@ class MetricsLog:
     def flush(self) -> None:
         """Fetches the buffered metrics in one transfer and writes them. Steps report `nonfinite_run`, the
         streak of skipped (non-finite) steps counted on device (train.guarded); `halted` steps, run after the
-        streak reached max_nonfinite, did nothing and are not written. A full streak raises NonFiniteLoss."""
+        streak reached max_nonfinite, and phase programs called out of turn (`ran` 0) did nothing and are not
+        written. A full streak raises NonFiniteLoss."""
         if not self.buffer:
             return
         steps, host = zip(*jax.device_get(self.buffer), strict=True)
         self.buffer = []
         rows, stop = [], None
         for step, m in zip(steps, host, strict=True):
-            if int(m.get("halted", 0)):
+            if int(m.get("halted", 0)) or not int(m.get("ran", 1)):  # stopped, or a phase called out of turn
                 continue
             phase, streak = int(m.get("phase", 0)), int(m.get("nonfinite_run", 0))
             keep = self.phase_keys[phase] | {"phase"} if self.phase_keys else set(m) - {"halted", "nonfinite_run"}

@@ -135,8 +135,7 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
         state_sh = state_sh.replace(teacher=teacher_sh)
     runner = runner.laid_out(state_sh)  # rematerialised blocks run as ZeRO-3 over this layout
     if rc.train.stage == "distill":
-        steps = {"train": runner.train_step, "generator": runner.generator_step,
-                 "discriminator": runner.discriminator_step}
+        steps = {"generator": runner.generator_step, "discriminator": runner.discriminator_step}
     else:
         steps = {"train": runner.step}
     return SimpleNamespace(runner=runner, init=init, steps=steps, abstract=abstract, state_sh=state_sh)
@@ -146,15 +145,17 @@ def guarded(step_fn, max_nonfinite: int):
     """step(state, batch, rng) -> step((state, streak), batch, rng) that stops at exactly `max_nonfinite`
     consecutive non-finite steps without a host sync per step: `streak` counts, on device, the steps in a row
     that were skipped (a step is skipped when its gradient is not finite: it leaves `state.step` where it
-    was); once it reaches the limit, later calls return the state unchanged and report `halted`, and the host
-    stops at its next metrics fetch. (A select, not a cond: no second trace of the step, and elementwise, so
+    was; a distillation phase program called out of turn, `ran` 0, counts neither way); once it reaches the
+    limit, later calls return the state unchanged and report `halted`, and the host stops at its next metrics
+    fetch. (A select, not a cond: no second trace of the step, and elementwise, so
     it fuses into the in-place update of the donated state.)"""
     def run(carry, batch, rng):
         state, streak = carry
         halted = streak >= max_nonfinite
         new, metrics = step_fn(state, batch, rng)
         new = jax.tree.map(lambda n, o: jnp.where(halted, o, n), new, state)
-        streak = jnp.where(halted, streak, jnp.where(new.step > state.step, 0, streak + 1))
+        counts = ~halted & (metrics.get("ran", 1) > 0)  # a phase program called out of turn is no step
+        streak = jnp.where(counts, jnp.where(new.step > state.step, 0, streak + 1), streak)
         return (new, streak), dict(metrics, nonfinite_run=streak, halted=halted.astype(jnp.int32))
 
     return run
@@ -224,8 +225,10 @@ def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
     # ------------------------------------------------------------------ 5. the compiled step
     rep = NamedSharding(mesh, PartitionSpec())
     batch_sh = batch_sharding(mesh)
-    step = compiled_step(guarded(p.steps["train"], rc.train.max_nonfinite), rc.train.seed, (state_sh, rep),
-                         batch_sh, rep)
+    fns = [runner.phase_step(0), runner.phase_step(1)] if rc.train.stage == "distill" else [p.steps["train"]]
+    programs = [compiled_step(guarded(fn, rc.train.max_nonfinite), rc.train.seed, (state_sh, rep), batch_sh, rep)
+                for fn in fns]
+    phase = int(state.phase) if rc.train.stage == "distill" else 0  # the host alternates from here, no sync
     streak = jax.device_put(np.int32(0), rep)  # consecutive skipped (non-finite) steps, kept on device
     to_global = lambda local: jax.tree.map(  # noqa: E731
         lambda a: jax.make_array_from_process_local_data(batch_sh, a, (gb,) + a.shape[1:]), local)
@@ -256,7 +259,8 @@ def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
     status = "done"
     try:
         for it in range(start, rc.train.num_steps):
-            (state, streak), m = step((state, streak), to_global(next(data_it)), np.int32(it))
+            (state, streak), m = programs[phase]((state, streak), to_global(next(data_it)), np.int32(it))
+            phase = (phase + 1) % len(programs)
             done = it + 1
             metrics.add(done, m)
             if rc.train.profile_at == done:
