@@ -25,6 +25,7 @@ def model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--latent", type=int, default=16)
+    p.add_argument("--latent-channels", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--caption-len", type=int, default=64)
     p.add_argument("--caption-channels", type=int, default=2304)
@@ -33,14 +34,18 @@ def model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def model_config(args):
-    """A SANA block stack with 32-dim heads, 32 latent channels and QK-norm, as the benchmark sizes it."""
+    """A SANA block stack with 32-dim heads and QK-norm, as the benchmark sizes it. Scanned blocks (`--scan`) are
+    rematerialised with the `dots` policy, as the pod recipes run them: on XLA:CPU a scan without remat spends
+    about a third of the generator step writing and reading the per-layer residual stacks
+    (benchmarks/op_profile.py --scan; BENCHMARKS.md §2)."""
     from sprintjax.model_config import ModelConfig
 
-    heads = args.hidden // 32
-    return ModelConfig(in_channels=32, out_channels=32, num_attention_heads=heads, attention_head_dim=32,
+    heads, c = args.hidden // 32, args.latent_channels
+    return ModelConfig(in_channels=c, out_channels=c, num_attention_heads=heads, attention_head_dim=32,
                        num_layers=args.layers, num_cross_attention_heads=heads, cross_attention_head_dim=32,
                        cross_attention_dim=args.hidden, caption_channels=args.caption_channels,
-                       sample_size=args.latent, qk_norm="rms_norm_across_heads", scan_layers=args.scan)
+                       sample_size=args.latent, qk_norm="rms_norm_across_heads", scan_layers=args.scan,
+                       remat="dots" if args.scan else "none")
 
 
 def build(args):
@@ -55,7 +60,8 @@ def build(args):
     cfg = model_config(args)
     rng = np.random.default_rng(0)
     b, L = args.batch, args.caption_len
-    batch = {"latents": jnp.asarray(rng.standard_normal((b, 32, args.latent, args.latent)), jnp.float32),
+    shape = (b, args.latent_channels, args.latent, args.latent)
+    batch = {"latents": jnp.asarray(rng.standard_normal(shape), jnp.float32),
              "caption": jnp.asarray(rng.standard_normal((b, L, args.caption_channels)), jnp.float32),
              "caption_mask": jnp.ones((b, L), jnp.float32)}
     null = jnp.zeros((L, args.caption_channels), jnp.float32)

@@ -224,7 +224,8 @@ def build(args):
     b, L = args.batch, args.caption_len
     mask = np.ones((b, L), np.float32)
     mask[:, L - L // 4:] = 0  # padded caption tails exercise the attention mask
-    batch = {"latents": jnp.asarray(rng.standard_normal((b, 32, args.latent, args.latent)), jnp.float32),
+    shape = (b, args.latent_channels, args.latent, args.latent)
+    batch = {"latents": jnp.asarray(rng.standard_normal(shape), jnp.float32),
              "caption": jnp.asarray(rng.standard_normal((b, L, args.caption_channels)), jnp.float32),
              "caption_mask": jnp.asarray(mask)}
     null = jnp.asarray(rng.standard_normal((L, args.caption_channels)) * 0.1, jnp.float32)
@@ -283,7 +284,9 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     model_args(p)
-    p.add_argument("--scan", action="store_true", help="sprintjax scans over the blocks (default: unrolled)")
+    p.add_argument("--scan", action="store_true",
+                   help="sprintjax scans over the blocks, rematerialised with the dots policy as in the pod recipes "
+                        "(default: unrolled, no remat)")
     args = p.parse_args(argv)
     cfg, d, state, batch, step_t = build(args)
     rng = jax.random.key(7)
@@ -324,7 +327,8 @@ def main(argv=None) -> None:
            "pytorch jvp": torch_jvp}
     torch_jvp()  # warm up
     med = median_interleaved(fns, args.repeats)
-    print(f"\nmodel: hidden {args.hidden}, {args.layers} layers ({'scanned' if args.scan else 'unrolled'} in "
+    form = "scanned, remat dots" if args.scan else "unrolled"
+    print(f"\nmodel: hidden {args.hidden}, {args.layers} layers ({form} in "
           f"sprintjax), {args.latent}x{args.latent} latent, batch {args.batch}, caption {args.caption_len}x"
           f"{args.caption_channels}; CPU x {os.cpu_count()} cores, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved runs, each after a settling "
