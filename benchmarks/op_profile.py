@@ -4,6 +4,7 @@ the compiled program (not in CI).
     python benchmarks/op_profile.py [--hidden 256 --layers 6 --batch 8 --caption-len 32 --caption-channels 64]
                                     [--scan] [--remat none|dots|full] [--top 25]
     python benchmarks/op_profile.py --ffn   # the Mix-FFN's depthwise conv, three formulations
+    python benchmarks/op_profile.py --gemm  # the step's matmul shapes, XLA:CPU against PyTorch
 
 The step mode compiles `Distiller.generator_step`, runs it, then traces two more runs and joins every traced op
 (XLA:CPU names each thunk after its HLO instruction) with the instruction's `op_name` metadata in the compiled
@@ -110,14 +111,12 @@ def profile_step(args) -> None:
     print(f"generator step: {wall:.0f} ms wall (median of {args.repeats}); ops busy {busy:.0f} ms summed over "
           f"threads: {busy / wall:.2f} cores busy on average\n")
     first = min(e["ts"] for e in ops)
-    loops = sorted((e for e in ops if e["name"].startswith("while") and e["ts"] - first < wall * 1e3),
-                   key=lambda e: e["ts"])
+    loops = sorted((e for e in ops if e["name"].startswith("while") and e["ts"] - first < wall * 1e3
+                    and not model_call(meta[e["name"]])[0].startswith("other")), key=lambda e: e["ts"])
     if loops:
         print("scanned model calls, in the order they started (ms from the step's first op):")
         for e in loops:
-            call, _ = model_call(meta[e["name"]])
-            if not call.startswith("other"):
-                print(f"  {(e['ts'] - first) / 1e3:8.0f}  {call}")
+            print(f"  {(e['ts'] - first) / 1e3:8.0f}  {model_call(meta[e['name']])[0]}")
         print()
     by_call, by_pair = collections.Counter(), collections.Counter()
     for e in ops:
@@ -185,6 +184,30 @@ def profile_ffn(args) -> None:
         print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
 
 
+def profile_gemm(args) -> None:
+    """The step's float32 matmul shapes through XLA:CPU (`jnp.dot`) and PyTorch (`torch.mm`), same threads."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    tokens, d, c = args.batch * args.latent**2, args.hidden, 5 * args.hidden  # Mix-FFN: D -> 2 x 2.5 D
+    print(f"\nfloat32 matmuls of the step (tokens {tokens}, hidden {d}); {os.cpu_count()} cores, torch with "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} runs\n")
+    print("| m x k x n | where | XLA:CPU GFLOP/s | PyTorch GFLOP/s | XLA time / PyTorch time |\n|---|---|---|---|---|")
+    dot = jax.jit(jnp.dot)
+    for (m, k, n), where in (((tokens, d, d), "q/k/v/out projections"), ((tokens, d, c), "Mix-FFN in"),
+                             ((tokens, c // 2, d), "Mix-FFN out"), ((d, tokens, c), "Mix-FFN in, weight gradient"),
+                             ((tokens, c, d), "Mix-FFN in, input gradient")):
+        a, b = (np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in ((m, k), (k, n)))
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        t_xla = median_ms(dot, ja, jb, repeats=args.repeats)
+        t_torch = median_ms(torch.mm, ta, tb, repeats=args.repeats)
+        gflop = 2 * m * k * n / 1e6  # per ms
+        print(f"| {m} x {k} x {n} | {where} | {gflop / t_xla:.0f} | {gflop / t_torch:.0f} | {t_xla / t_torch:.2f} |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     model_args(p)
@@ -194,10 +217,11 @@ def main(argv=None) -> None:
                    help="the blocks' remat policy (default: dots when scanned, as the pod recipes; none unrolled)")
     p.add_argument("--top", type=int, default=25, help="rows of the (call, layer, op kind) table")
     p.add_argument("--ffn", action="store_true", help="time the Mix-FFN's depthwise formulations instead")
+    p.add_argument("--gemm", action="store_true", help="time the step's matmul shapes in XLA:CPU and PyTorch instead")
     args = p.parse_args(argv)
-    if args.ffn:
+    if args.ffn or args.gemm:
         args.repeats = max(args.repeats, 20)
-        profile_ffn(args)
+        (profile_ffn if args.ffn else profile_gemm)(args)
     else:
         profile_step(args)
 

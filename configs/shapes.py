@@ -14,10 +14,13 @@ import sprintjax
 from sprintjax.configlib import run_config
 from sprintjax.model_config import ModelConfig
 
-TEACHER = ModelConfig(  # 0.74M parameters: a flow-matching step at batch 64 takes ~0.8 s on 2 CPU cores
+TEACHER = ModelConfig(  # 0.74M parameters: a flow-matching step at batch 64 took ~0.8 s on 2 CPU cores, scanned
     in_channels=8, out_channels=8, num_attention_heads=3, attention_head_dim=32, num_layers=4,
     num_cross_attention_heads=3, cross_attention_head_dim=32, cross_attention_dim=96, caption_channels=384,
     sample_size=8, qk_norm="rms_norm_across_heads",
+    # unrolled blocks: XLA:CPU runs a scan's model calls one after another and stacks every layer's residuals
+    # (generator step 1.48 s scanned, 1.00 s scanned with remat dots, 0.82 s unrolled; BENCHMARKS.md §2)
+    scan_layers=False,
 )
 DATA = dict(dir="runs/shapes_ae_data", caption_len=16, global_batch=64)
 # The shipped teacher (a diffusers folder): see sprintjax/assets/README.md for the command and seed.
@@ -25,7 +28,7 @@ TEACHER_WEIGHTS = str(Path(sprintjax.__file__).parent / "assets" / "shapes_teach
 
 
 def get_config(arg=None):
-    if arg == "teacher":  # ~0.8 s an iteration alone on 2 CPU cores; resumable (a checkpoint every 500)
+    if arg == "teacher":  # resumable (a checkpoint every 500)
         return run_config(TEACHER, data=DATA,
                           train=dict(stage="teacher", num_steps=7000, lr=1e-3, warmup_steps=500, ema_decay=0.999,
                                      log_every=100, ckpt_every=500, keep=2, sample_every=2500, num_samples=16))
@@ -35,8 +38,8 @@ def get_config(arg=None):
         # std in 150 D steps at 1e-3 but 0.27 at 1e-4 (benchmarks/d_probe.py); in the demo on the first teacher it
         # lowered the student's FD at 1/2/4 steps from 1249/832/733 to 1028/566/376 (README, Results).
         distill=dict(lr_g=1e-4, lr_d=1e-3, warmup_steps_g=50, tangent_warmup_steps=200, disc_layers=(1, 3)),
-        # 240 iterations (120 generator + 120 discriminator steps) at batch 64: ~4.5 s each on 2 CPU cores
-        # (0.21-0.24 iterations/s measured), i.e. 18-19 minutes of the demo's training.
+        # 240 iterations (120 generator + 120 discriminator steps) at batch 64: 1.4-1.7 iterations/s on 2 CPU
+        # cores, i.e. 2.5 minutes of the demo's 4 (README, Results).
         train=dict(num_steps=240, teacher_checkpoint=TEACHER_WEIGHTS, log_every=20, ckpt_every=80, keep=2,
                    sample_every=80, num_samples=16),
     )
