@@ -28,24 +28,16 @@ import json
 import os
 import re
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from step_cost import model_args, model_config  # noqa: E402  (the same benchmark model; run from benchmarks/)
+from step_cost import benchmark_batch, model_args, model_config  # noqa: E402  (the same benchmark model; run from benchmarks/)
 
 
 def median_ms(fn, *args, repeats: int = 20) -> float:
-    import jax
-    import numpy as np
+    from sprintjax.evaluate import median_seconds
 
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return median_seconds(fn, *args, repeats=repeats) * 1e3
 
 
 def traced_ops(run, n: int) -> list[dict]:
@@ -78,8 +70,6 @@ def model_call(op_name: str) -> tuple[str, str]:
 
 def profile_step(args) -> None:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from sprintjax.distill import Distiller
     from sprintjax.distill_config import DistillConfig
@@ -88,14 +78,8 @@ def profile_step(args) -> None:
     cfg = model_config(args)
     cfg = cfg.replace(remat=args.remat or cfg.remat)
     d = Distiller(cfg, DistillConfig(optimizer="adamw", disc_layers=(args.layers // 4, args.layers // 2)))
-    rng = np.random.default_rng(0)
-    b, L = args.batch, args.caption_len
-    shape = (b, args.latent_channels, args.latent, args.latent)
-    batch = {"latents": jnp.asarray(rng.standard_normal(shape), jnp.float32),
-             "caption": jnp.asarray(rng.standard_normal((b, L, args.caption_channels)), jnp.float32),
-             "caption_mask": jnp.ones((b, L), jnp.float32)}
-    state = d.init(SanaTransformer(cfg).init(jax.random.key(0)), jnp.zeros((L, args.caption_channels)),
-                   jax.random.key(1))
+    batch, null = benchmark_batch(args)
+    state = d.init(SanaTransformer(cfg).init(jax.random.key(0)), null, jax.random.key(1))
     key = jax.random.key(2)
     step = jax.jit(d.generator_step).lower(state, batch, key).compile()
     meta = {m[1]: m[2] for m in re.finditer(r"^\s*%(\S+) = .*?op_name=\"([^\"]*)\"", step.as_text(), re.M)}

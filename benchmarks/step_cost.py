@@ -48,23 +48,29 @@ def model_config(args):
                        remat="dots" if args.scan else "none")
 
 
-def build(args):
-    import jax
+def benchmark_batch(args):
+    """(batch, null caption) of the benchmark model: standard-normal latents and captions, unmasked."""
     import jax.numpy as jnp
     import numpy as np
 
-    from sprintjax.distill import Distiller
-    from sprintjax.distill_config import DistillConfig
-    from sprintjax.flow import TeacherTrainer
-
-    cfg = model_config(args)
     rng = np.random.default_rng(0)
     b, L = args.batch, args.caption_len
     shape = (b, args.latent_channels, args.latent, args.latent)
     batch = {"latents": jnp.asarray(rng.standard_normal(shape), jnp.float32),
              "caption": jnp.asarray(rng.standard_normal((b, L, args.caption_channels)), jnp.float32),
              "caption_mask": jnp.ones((b, L), jnp.float32)}
-    null = jnp.zeros((L, args.caption_channels), jnp.float32)
+    return batch, jnp.zeros((L, args.caption_channels), jnp.float32)
+
+
+def build(args):
+    import jax
+
+    from sprintjax.distill import Distiller
+    from sprintjax.distill_config import DistillConfig
+    from sprintjax.flow import TeacherTrainer
+
+    cfg = model_config(args)
+    batch, null = benchmark_batch(args)
     trainer = TeacherTrainer(cfg, lr=1e-4, warmup=0)
     params = trainer.model.init(jax.random.key(0))
     steps = {"flow (fwd + bwd)": (trainer.step, trainer.init(params, null))}

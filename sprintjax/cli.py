@@ -1,262 +1,15 @@
-"""The `sprintjax` command line: one subcommand per job; user errors print one message, not a traceback."""
+"""The `sprintjax` command line: one subcommand per job (the jobs live in `commands.py`); user errors print one
+message, not a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
 
-import numpy as np
-
+from sprintjax import commands
 from sprintjax.demo import DATA_DIR as DEMO_DATA_DIR
 from sprintjax.errors import SprintjaxError
-
-
-def _load_npy(path: str, what: str) -> np.ndarray:
-    """np.load without pickle (never unpickle): object arrays are refused."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise SprintjaxError(f"{what} file not found: {path}") from None
-    except ValueError as e:
-        raise SprintjaxError(f"{what} file {path} is not a plain numeric .npy: {e}") from None
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    import io
-
-    from sprintjax.fileio import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _refuse_existing(path: str, force: bool) -> None:
-    """An output that exists is refused before any work (the writers check again, atomically)."""
-    if Path(path).exists() and not force:
-        raise SprintjaxError(f"{Path(path).absolute()} already exists; pass --force to overwrite it")
-
-
-def cmd_import_diffusers(a):
-    from sprintjax.convert import import_diffusers
-
-    _refuse_existing(a.dst, a.force)
-    print(f"reading diffusers weights from {a.src} ...", flush=True)
-    cfg = import_diffusers(a.src, a.dst, force=a.force)
-    print(f"wrote sprintjax params checkpoint {a.dst} ({cfg.num_layers} layers, hidden {cfg.hidden_size})")
-
-
-def cmd_export_diffusers(a):
-    from sprintjax.convert import params_to_diffusers
-    from sprintjax.convert.pipeline import check_components, read_source, write_pipeline
-
-    _refuse_existing(a.dst, a.force)
-    check_components(a.vae, a.text_encoder, a.tokenizer)  # before the weights are read
-    source = read_source(a.src, a.part, a.step)
-    print(f"read {source.description}", flush=True)
-    if a.transformer_only:
-        params_to_diffusers(a.dst, source.params, source.cfg.replace(dtype="float32", remat="none"), force=a.force)
-        print(f"wrote diffusers transformer folder {a.dst} (SanaTransformer2DModel.from_pretrained loads it)")
-        return
-    missing = write_pipeline(a.dst, source, a.vae, a.text_encoder, a.tokenizer, a.guidance, force=a.force)
-    print(f"wrote diffusers pipeline folder {a.dst} (SanaSprintPipeline.from_pretrained loads it)")
-    if missing:
-        print(f"  without {', '.join(missing)} (none given): pass them to from_pretrained, e.g. "
-              f"SanaSprintPipeline.from_pretrained(DST, {missing[0]}=...), or re-export with "
-              + " ".join(f"--{m.replace('_', '-')} DIR" for m in missing))
-
-
-def cmd_export_mobile(a):
-    from sprintjax.convert.mobile import export_mobile, format_report
-    from sprintjax.convert.pipeline import read_source
-
-    _refuse_existing(a.out, a.force)
-    source = read_source(a.src, a.part, a.step)
-    print(f"read {source.description}", flush=True)
-    csv = lambda text: [x for x in text.split(",") if x]  # noqa: E731
-    report = export_mobile(source.params, source.cfg, a.out, [int(k) for k in csv(a.steps)], a.batch, a.height,
-                           a.width, a.caption_len, a.guidance, csv(a.weights), csv(a.formats),
-                           verify=not a.no_verify, force=a.force, log=lambda m: print(m, flush=True))
-    print(format_report(report))
-    print(f"wrote {a.out} (export.json lists the inputs, outputs and figures)")
-
-
-def cmd_sample(a):
-    from sprintjax.checks import finite_input, finite_output
-    from sprintjax.convert import load_model, model_config_of
-    from sprintjax.model import SanaTransformer
-    from sprintjax.sampling import check_inputs, sample_from_arrays
-
-    if a.noise and a.seed is not None:
-        raise SprintjaxError("give either --noise or --seed, not both")
-    if a.steps < 1:
-        raise SprintjaxError(f"--steps must be >= 1, got {a.steps}")
-    # every input is checked before the weights load
-    caption = finite_input(_load_npy(a.caption_embeds, "caption embeddings"), "caption embeddings")
-    mask = finite_input(_load_npy(a.caption_mask, "caption mask"), "caption mask") if a.caption_mask else None
-    if mask is not None and not np.isin(mask, (0, 1)).all():
-        raise SprintjaxError("caption mask must hold only 0 (padding) and 1 (token)")
-    noise = finite_input(_load_npy(a.noise, "noise"), "noise", sample_axis=1) if a.noise else None
-    check_inputs(model_config_of(a.ckpt, "checkpoint"), caption, mask, noise, a.steps)
-    params, cfg = load_model(a.ckpt, "checkpoint")
-    print(f"sampling {caption.shape[0]} latents in {a.steps} step(s) ...", flush=True)
-    out = sample_from_arrays(SanaTransformer(cfg), params, caption, mask, steps=a.steps, noise=noise,
-                             seed=a.seed or 0, height=a.height, width=a.width, guidance_scale=a.guidance,
-                             t_mid=a.t_mid)
-    finite_output(out, f"sampling {a.ckpt}", "The inputs were finite: the checkpoint's weights (or the guidance "
-                  "scale) produce it for those captions.")
-    _save_npy(a.out, out)
-    print(f"wrote {a.out}: latents {out.shape} (x0 / sigma_d, the VAE's scale)")
-
-
-def cmd_info(a):
-    from sprintjax.model import SanaTransformer, count_params
-    from sprintjax.model_config import PRESETS, preset
-
-    if a.what in PRESETS:
-        cfg = preset(a.what)
-    elif a.what.partition(":")[0].endswith(".py"):
-        from sprintjax.configlib import load_config, model_config
-
-        cfg = model_config(load_config(a.what))
-    else:
-        from sprintjax.convert.params_ckpt import read_model_config
-
-        cfg = read_model_config(a.what) if Path(a.what).is_dir() else preset(a.what)
-    shapes = SanaTransformer(cfg).param_shapes()
-    print(cfg.to_json())
-    print(f"parameters: {count_params(shapes):,} ({count_params(shapes) / 1e6:.2f}M)")
-
-
-def _init_distributed(a):
-    """jax.distributed when the launcher says so: explicit flags (local launcher) or auto-detect (TPU pods)."""
-    import jax
-
-    if a.coordinator:
-        jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.num_processes,
-                                   process_id=a.process_id)
-    elif a.distributed:
-        jax.distributed.initialize()
-
-
-def _run_config(a, overrides):
-    from sprintjax.configlib import load_config, parse_overrides, resolve
-
-    cfg = parse_overrides(load_config(a.config), overrides)
-    resolve(cfg)  # every unknown key fails here, before anything compiles
-    return cfg
-
-
-def _progress_logging() -> None:
-    """Training progress lines (steps/s, ETA, losses) on stderr; libraries stay at their WARNING default."""
-    import logging
-
-    import absl.flags
-
-    absl.flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-    ours = logging.getLogger("sprintjax")
-    if not ours.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s sprintjax: %(message)s", "%H:%M:%S"))
-        ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
-
-
-def cmd_train(a, overrides):
-    from sprintjax.train import train
-
-    cfg = _run_config(a, overrides)
-    _progress_logging()
-    _init_distributed(a)
-    status = train(cfg, a.workdir)
-    print(f"training {status}: {a.workdir}")
-
-
-def cmd_compile(a, overrides):
-    import json
-
-    if a.topology.startswith("cpu:"):  # fake CPU devices must be requested before JAX starts
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={a.topology.split(':')[1]}")
-    from sprintjax.aot import compile_steps, format_report
-
-    cfg = _run_config(a, overrides)
-    print(f"compiling the training steps of {a.config} for {a.topology} ...", flush=True)
-    report = compile_steps(cfg, a.topology, hlo_dir=a.hlo)
-    print(format_report(report, a.topology))
-    if a.json:
-        from sprintjax.fileio import atomic_write_bytes
-
-        atomic_write_bytes(a.json, json.dumps(report, indent=2).encode())
-    too_big = [n for n, r in report.items() if "does_not_fit" in r]
-    if too_big:
-        raise SprintjaxError(f"{', '.join(too_big)} does not fit the device memory of {a.topology} (report above)")
-
-
-def cmd_prepare_data(a):
-    from pathlib import Path
-
-    from sprintjax.data.prepare import find_pairs, prepare
-
-    if a.shapes:
-        from sprintjax import shapes
-
-        splits, source = shapes.caption_pairs(a.num, a.num_validation), "shapes"
-    else:
-        splits, source = {a.split: find_pairs(a.images, a.captions_jsonl)}, a.images or a.captions_jsonl
-    instruction = Path(a.instruction_file).read_text() if a.instruction_file else ""
-    print(", ".join(f"{k}: {len(v)} pairs" for k, v in splits.items()) + f" -> {a.out}", flush=True)
-    folder = prepare(splits, a.out, a.vae, a.text_encoder, a.resolution, a.max_length, a.batch_size, instruction,
-                     source=source)
-    print(f"wrote training records {folder} (with null_caption.safetensors)")
-
-
-def cmd_eval(a):
-    from pathlib import Path
-
-    from sprintjax import evaluate
-
-    if not (a.teacher or a.student):
-        raise SprintjaxError("give --teacher and/or --student (params checkpoints or diffusers folders)")
-    ints = lambda text, given: [int(s) for s in text.split(",") if s] if given else []  # noqa: E731
-    steps = {"teacher": ints(a.teacher_steps, a.teacher),
-             "teacher_trigflow": ints(a.teacher_trigflow_steps, a.teacher),
-             "student": ints(a.student_steps, a.student)}
-    evaluate.run_benchmark(a.data, Path(a.out), {"teacher": a.teacher, "student": a.student}, steps, a.num, a.seed)
-    print((Path(a.out) / "results.md").read_text())
-    print(f"wrote {a.out}/results.json, results.md, grid.png")
-
-
-def cmd_train_teacher(a, overrides):
-    """Flow-matching teacher training (train.stage = teacher), then the final params exported."""
-    from pathlib import Path
-
-    from sprintjax.checkpoints import trained_params
-    from sprintjax.convert import params_to_diffusers, save_params
-
-    cmd_train(a, overrides)
-    params, cfg, step = trained_params(a.workdir, "params")
-    cfg = cfg.replace(dtype="float32", remat="none")
-    out = Path(a.export or Path(a.workdir) / "teacher")
-    save_params(out, params, cfg, force=True)
-    params_to_diffusers(out.with_name(out.name + "_diffusers"), params, cfg, force=True)
-    print(f"exported the teacher at step {step}: {out} (params) and {out}_diffusers (diffusers)")
-
-
-def cmd_demo(a, overrides):
-    from sprintjax.demo import run_demo
-
-    _progress_logging()
-    run_demo(Path(a.workdir), Path(a.data), overrides, a.num_eval)
-
-
-def cmd_check_parity(a):
-    from sprintjax.parity_demo import run_parity_check
-
-    run_parity_check(Path(a.workdir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="folder with config.json and diffusion_pytorch_model*.safetensors")
     s.add_argument("dst", help="output checkpoint folder (params/ + model_config.json)")
     s.add_argument("--force", action="store_true", help="overwrite an existing DST")
-    s.set_defaults(fn=cmd_import_diffusers)
+    s.set_defaults(fn=commands.cmd_import_diffusers)
 
     s = sub.add_parser("export-diffusers", help="training checkpoint or params checkpoint -> diffusers "
                                                  "SanaSprintPipeline folder")
@@ -283,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=4.5, help="guidance scale recorded in the model card")
     s.add_argument("--transformer-only", action="store_true", help="write a bare transformer folder instead")
     s.add_argument("--force", action="store_true", help="overwrite an existing DST")
-    s.set_defaults(fn=cmd_export_diffusers)
+    s.set_defaults(fn=commands.cmd_export_diffusers)
 
     s = sub.add_parser("export-mobile", help="few-step generator -> ExecuTorch .pte (XNNPACK) and ONNX, "
                                               "checked against sprintjax in each runtime")
@@ -301,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--formats", default="pte,onnx", help="comma-separated: pte, onnx")
     s.add_argument("--no-verify", action="store_true", help="skip running each artifact against sprintjax")
     s.add_argument("--force", action="store_true", help="overwrite an existing OUT")
-    s.set_defaults(fn=cmd_export_mobile)
+    s.set_defaults(fn=commands.cmd_export_mobile)
 
     s = sub.add_parser("sample", help="few-step TrigFlow sampling of a checkpoint; writes latents as .npy")
     s.add_argument("ckpt", help="sprintjax params checkpoint or diffusers folder (student or teacher)")
@@ -315,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, help="latent height without --noise (default: config sample_size)")
     s.add_argument("--width", type=int, help="latent width without --noise (default: config sample_size)")
     s.add_argument("--out", required=True, help="output .npy, latents [B, C, H, W] in the VAE's scale")
-    s.set_defaults(fn=cmd_sample)
+    s.set_defaults(fn=commands.cmd_sample)
 
     s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
     s.add_argument("what", help="a preset name (e.g. sana_sprint_600m), a config file.py:arg, or a params checkpoint")
-    s.set_defaults(fn=cmd_info)
+    s.set_defaults(fn=commands.cmd_info)
 
     def training_parser(name, help, config_help, fn):
         s = sub.add_parser(name, help=help, epilog="Override any config field with --config.section.key=value.")
@@ -333,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     training_parser("train", "distil (or adapt a teacher) from a config; rerun to resume",
-                    "config file and variant, e.g. configs/tiny.py:fsdp", cmd_train)
+                    "config file and variant, e.g. configs/tiny.py:fsdp", commands.cmd_train)
     s = training_parser("train-teacher", "flow-matching teacher training, then export its params",
-                        "a teacher-stage config, e.g. configs/shapes.py:teacher", cmd_train_teacher)
+                        "a teacher-stage config, e.g. configs/shapes.py:teacher", commands.cmd_train_teacher)
     s.add_argument("--export", help="params checkpoint to write (default WORKDIR/teacher; + _diffusers folder)")
 
     s = sub.add_parser("prepare-data", help="image/caption pairs -> ArrayRecord training records (resumable)")
@@ -354,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--instruction-file", help="text prepended to every caption (SANA's complex human instruction)")
     s.add_argument("--split", default="train", help="split name of --images / --captions-jsonl pairs")
-    s.set_defaults(fn=cmd_prepare_data)
+    s.set_defaults(fn=commands.cmd_prepare_data)
 
     s = sub.add_parser("eval", help="benchmark a teacher and/or student on the shapes validation prompts")
     s.add_argument("--data", required=True, help="prepared shapes records (train + validation)")
@@ -367,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=500, help="validation prompts")
     s.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
     s.add_argument("--out", required=True, help="folder for results.json, results.md, grid.png")
-    s.set_defaults(fn=cmd_eval)
+    s.set_defaults(fn=commands.cmd_eval)
 
     s = sub.add_parser("compile", help="AOT-compile the training steps for a TPU topology or cpu:N; print memory",
                        epilog="Override any config field with --config.section.key=value.")
@@ -375,19 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v6e:8x8, or cpu:8")
     s.add_argument("--json", help="also write the figures as JSON here")
     s.add_argument("--hlo", help="also write each step's compiled HLO text into this folder (STEP.hlo.txt)")
-    s.set_defaults(fn=cmd_compile, takes_overrides=True)
+    s.set_defaults(fn=commands.cmd_compile, takes_overrides=True)
 
     s = sub.add_parser("demo", help="the main job: distil the shipped shapes teacher, benchmark it (make demo)",
                        epilog="Override any field of configs/shapes.py with --config.section.key=value.")
     s.add_argument("--workdir", default="runs/demo")
     s.add_argument("--data", default=str(DEMO_DATA_DIR), help="shapes records (built here if missing)")
     s.add_argument("--num-eval", type=int, default=500, help="validation prompts to benchmark")
-    s.set_defaults(fn=cmd_demo, takes_overrides=True)
+    s.set_defaults(fn=commands.cmd_demo, takes_overrides=True)
 
     s = sub.add_parser("check-parity", help="a random diffusers model imported, sampled in both frameworks, "
                                              "round-tripped: this installation against diffusers")
     s.add_argument("--workdir", default="runs/parity")
-    s.set_defaults(fn=cmd_check_parity)
+    s.set_defaults(fn=commands.cmd_check_parity)
     return p
 
 

@@ -75,7 +75,8 @@ def student_sampler(model: SanaTransformer, params, steps: int, guidance: float 
     return functools.partial(run, params), steps
 
 
-def _timed(fn, *args, repeats: int = 5) -> float:
+def median_seconds(fn, *args, repeats: int = 5) -> float:
+    """Median wall time of `fn(*args)` over `repeats` calls after one untimed call (compile, warm-up)."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -99,9 +100,9 @@ def evaluate(run, nfe: int, caption, mask, scenes, noise, ref_feats, feat_params
     images = shapes.codec_of_latents(latents.shape[1])[1](latents)
     result = {"fd": features.frechet_distance(features.features(feat_params, images), ref_feats),
               **detector.compositional_score(images, scenes), "nfe": nfe}
-    result["latency_s"] = _timed(run, noise[:, :1], caption[:1], mask[:1])
+    result["latency_s"] = median_seconds(run, noise[:, :1], caption[:1], mask[:1])
     tb = min(throughput_batch, len(caption))
-    result["throughput_per_s"] = tb / _timed(run, noise[:, :tb], caption[:tb], mask[:tb])
+    result["throughput_per_s"] = tb / median_seconds(run, noise[:, :tb], caption[:tb], mask[:tb])
     return result, images
 
 
