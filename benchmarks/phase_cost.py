@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     rc = resolve(load_config(args.config))
     rc = dataclasses.replace(rc, model=rc.model.replace(scan_layers=args.scan))
     m, b, L = rc.model, rc.data.global_batch, rc.data.caption_len
-    mesh = make_mesh(rc.mesh)
+    mesh = make_mesh(rc.mesh, fsdp_group=rc.sharding.fsdp_group)
     rng = np.random.default_rng(0)
     mask = np.ones((b, L), np.float32)
     mask[:, L - L // 4:] = 0

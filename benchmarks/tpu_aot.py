@@ -6,9 +6,10 @@ Runs `sprintjax compile` for the official 1024px recipes (32x32 latents, 300 cap
 the 0.6B and 1.6B presets on v5p and v6e topologies of 32 and 64 chips, and for before/after variants (remat
 `full` instead of `dots`, a replicated teacher, the two-pass sCM form, HSDP, ZeRO-3 blocks with `dots`). Each run
 is a subprocess that writes its JSON report and the compiled HLO texts (NAME/STEP.hlo.txt; resumable: finished
-runs are kept); the script then prints one markdown table of per-device memory, FLOPs, the compiler's optimal
-time, the MFU bound and collective bytes against the FSDP minimum. `--recount` reads the collectives again from
-the kept HLO texts (after a change to how `sprintjax.aot` counts them) without compiling anything.
+runs are kept); the script then prints one markdown table of per-device memory, model FLOPs, the whole step's
+HBM bytes and roofline time (loop trip counts applied), the MFU bound and collective bytes against the FSDP
+minimum. `--recount` reads the collectives and the whole-step figures again from the kept HLO texts (after a
+change to how `sprintjax.hlo` counts them) without compiling anything.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sprintjax.aot import CHIPS, by_kind, by_scope, collectives, wire_bytes
+from sprintjax.aot import CHIPS, whole_step
 from sprintjax.fileio import atomic_write_bytes
+from sprintjax.hlo import by_kind, by_scope, collectives, wire_bytes
 
 CONFIGS = {"600m": "configs/sana_sprint_600m_1024.py", "1600m": "configs/sana_sprint_1600m_1024.py"}
 TOPOLOGIES = {("v5p", 32): "v5p:4x4x2", ("v5p", 64): "v5p:4x4x4", ("v6e", 32): "v6e:4x8", ("v6e", 64): "v6e:8x8"}
@@ -40,6 +42,8 @@ VARIANTS = [  # before/after figures of the remat policy, where the teacher live
     ("600m", "v5p", 32, {"model.zero3_blocks": "on"}),  # ZeRO-3 blocks with remat dots
     *[(m, chip, 64, {"mesh.data": 2, "model.zero3_blocks": "on"}) for m, chip in (("600m", "v5p"), ("600m", "v6e"),
                                                                                   ("1600m", "v5p"))],
+    *[("600m", chip, 64, {"distill.jvp_dtype": "bfloat16"}) for chip in ("v5p", "v6e")],  # the bf16 sCM path
+    ("600m", "v5p", 64, {"mesh.data": 1}),  # FSDP over all 64 (the default before the mesh picked itself)
 ]
 SHORT = {REPLICATED_TEACHER: "replicated"}  # run names for override values that are not plain words
 
@@ -63,32 +67,36 @@ def run_one(path: Path, model, chip, n, overrides) -> dict | None:
 
 
 def recount(path: Path, report: dict) -> dict:
-    """The report with its collective figures read again from the run's HLO texts (rewritten in place)."""
+    """The report with its collective and whole-step figures read again from the run's HLO texts (rewritten in
+    place)."""
     for step, r in report.items():
         hlo = path.with_suffix("") / f"{step}.hlo.txt"
         if "collective_bytes" in r and hlo.exists():
-            found = collectives(hlo.read_text())
+            text = hlo.read_text()
+            found = collectives(text)
             r["collective_bytes"], r["collective_bytes_by_scope"] = by_kind(found), by_scope(found)
+            r.update(whole_step(text, path.stem.split("-")[1], r["model_flops"]))
     atomic_write_bytes(path, json.dumps(report, indent=2).encode())
     return report
 
 
 def table(rows) -> str:
     gib = 1 << 30
-    out = ["| run | step | arguments GiB | temporaries GiB | peak GiB / HBM | model TFLOP | optimal ms (scaled) | "
-           "MFU bound | collectives GiB | FSDP min GiB | ratio |", "|" + "---|" * 11]
+    out = ["| run | step | arguments GiB | temporaries GiB | peak GiB / HBM | model TFLOP | HBM GiB accessed | "
+           "roofline ms | MFU bound | collectives GiB | FSDP min GiB | ratio |", "|" + "---|" * 12]
     for name, report in rows:
         for step, r in report.items():
             if "does_not_fit" in r:
-                out.append(f"| {name} | {step} | does not fit: {r['does_not_fit']} |" + " |" * 9)
+                out.append(f"| {name} | {step} | does not fit: {r['does_not_fit']} |" + " |" * 10)
                 continue
             moved, least = wire_bytes(r["collective_bytes"]), wire_bytes(r["fsdp_minimum_bytes"])
-            bound = (f"{r['optimal_seconds_scaled'] * 1e3:.0f} | {r['mfu_bound']:.2f}" if r["optimal_seconds"] > 0
-                     else "n/a | n/a")  # libtpu's cost model sometimes reports a negative time: no bound
+            accessed = f"{r['hlo_bytes'] / gib:.1f}" if "hlo_bytes" in r else "n/a"  # runs before the HLO reading
+            bound = (f"{r['roofline_seconds'] * 1e3:.0f} | {r['mfu_bound']:.2f}" if "roofline_seconds" in r
+                     else "n/a | n/a")
             hbm = CHIPS[name.split("-")[1]][1] / gib
             out.append(f"| {name} | {step} | {r['argument_bytes'] / gib:.2f} | {r['temp_bytes'] / gib:.2f} | "
                        f"{r['peak_bytes_estimate'] / gib:.1f} / {hbm:.0f} | {r['model_flops'] / 1e12:.1f} | "
-                       f"{bound} | {moved / gib:.2f} | {least / gib:.2f} | {moved / least:.2f} |")
+                       f"{accessed} | {bound} | {moved / gib:.2f} | {least / gib:.2f} | {moved / least:.2f} |")
     return "\n".join(out)
 
 

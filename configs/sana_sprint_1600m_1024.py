@@ -2,9 +2,10 @@
 arg: the global batch (default 512). On 32 v6e chips (32 GiB HBM) the generator step needs `remat=full`
 (`sprintjax compile` measured 90 GiB of temporaries with `dots`, 22.4 GiB with `full`; BENCHMARKS.md §3):
     sprintjax train --config configs/sana_sprint_1600m_1024.py --config.model.remat=full ...
-On 64 chips add `--config.mesh.data=2` (FSDP over 32, 2 replicas) and ZeRO-3 blocks: `remat=full` on v6e:8x8
-(generator collectives 1.09x instead of 1.7x the FSDP minimum), `--config.model.zero3_blocks=on` on v5p:4x4x4
-(1.10x at 268 instead of 333 TFLOP a chip; BENCHMARKS.md §3 item 9).
+The mesh picks itself (`sharding.fsdp_group`): FSDP over up to 32 chips, data-parallel replicas above, and
+under such an HSDP mesh the blocks run as ZeRO-3 (`model.zero3_blocks=auto`); on v5p:4x4x4 that is the
+measured best (generator collectives 1.10x the FSDP minimum at 268 TFLOP a chip; BENCHMARKS.md §3 item 9). On
+v6e:8x8 also pass `--config.model.remat=full` (1.09x; `dots` leaves no room in 32 GiB).
 """
 
 from sprintjax.configlib import official_recipe

@@ -1,11 +1,13 @@
 """SANA-Sprint 0.6B at 1024px (32x32 latents, 300 caption tokens): the official recipe (facts §6).
 
 arg: the global batch (default 512). CAME, lr 2e-6 x sqrt(global_batch / 256), 5000-step G warmup,
-~20k G+D pairs, bf16 compute with float32 master weights (attention, norms and the sCM loss in float32),
-FSDP over all devices. On 32 v6e chips (32 GiB HBM) the generator step needs `--config.model.remat=full`
-(`sprintjax compile`: 44.5 GiB of temporaries with `dots`; BENCHMARKS.md §3). On 64 chips add
-`--config.mesh.data=2 --config.model.zero3_blocks=on` (FSDP over 32, 2 replicas, ZeRO-3 blocks: generator
-collectives 1.07x instead of 2.1x the FSDP minimum, BENCHMARKS.md §3 item 9).
+~20k G+D pairs, bf16 compute with float32 master weights (attention, norms, the sCM JVP and loss in float32:
+`distill.jvp_dtype`, see configlib.official_recipe), FSDP over up to 32 devices with data-parallel replicas
+above (the mesh picks itself from the device count, `sharding.fsdp_group`; an explicit `--config.mesh.data=N`
+still wins). On 32 v6e chips (32 GiB HBM) the generator step needs `--config.model.remat=full`
+(`sprintjax compile`: 44.5 GiB of temporaries with `dots`; BENCHMARKS.md §3). On 64 chips the mesh is 2 x 32
+and its blocks run as ZeRO-3 (`model.zero3_blocks=auto` under HSDP): generator collectives 1.07x the FSDP
+minimum (2.1x with FSDP over all 64; BENCHMARKS.md §3 items 9 and 11).
     sprintjax train --config configs/sana_sprint_600m_1024.py --workdir /shared/runs/sprint600 --distributed \\
         --config.train.teacher_checkpoint=/shared/teacher --config.data.dir=/shared/records
 """

@@ -6,19 +6,19 @@ Topologies: a TPU name such as `v5p:4x4x4` or `v6e:8x8` (libtpu's AOT path: no T
 CPU devices; the CLI sets XLA_FLAGS before JAX starts). Nothing is allocated: every array is abstract.
 
 XLA's cost analysis counts a while-loop body once, so for a model that scans its blocks the compiled program's
-`flops` / `optimal_seconds` cover one block per loop. The report therefore also gives `model_flops`: the
-step's FLOPs per device from the same step lowered with the blocks unrolled (no compilation needed), and
-collective bytes read from the compiled HLO with every loop's trip count applied, next to the FSDP minimum
-(ZeRO-3 accounting: each sharded weight gathered once per call of its model and once more per backward
-through a call, each trained weight's float32 gradient reduce-scattered once, or all-reduced if replicated).
+`flops` / `bytes_accessed` / `optimal_seconds` cover one block per loop. The report therefore also reads the
+whole step from the compiled HLO with every loop's trip count applied (`sprintjax.hlo`): HBM bytes accessed,
+matmul FLOPs and a per-op roofline time by model call and by kind of op, the MFU bound that time implies, and
+collective bytes next to the FSDP minimum (ZeRO-3 accounting: each sharded weight gathered once per call of
+its model and once more per backward through a call, each trained weight's float32 gradient reduce-scattered
+once, or all-reduced if replicated). `model_flops` is the step lowered with the blocks unrolled and costed
+before compilation: every layer counted, independently of the HLO reading.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sprintjax.configlib import RunConfig, resolve
 from sprintjax.errors import ConfigError
 from sprintjax.fileio import atomic_write_bytes
+from sprintjax.hlo import by_kind, by_scope, collectives, op_costs, roofline, wire_bytes
 from sprintjax.model import SanaTransformer
 from sprintjax.sharding import batch_sharding, data_parallel_size, make_mesh, tree_shardings
 
-# Peak dense bf16 FLOP/s and HBM bytes per chip (Cloud TPU product pages) for the utilisation bound.
-CHIPS = {"v4": (275e12, 32 << 30), "v5e": (197e12, 16 << 30), "v5p": (459e12, 95 << 30),
-         "v6e": (918e12, 32 << 30)}
+# Peak dense bf16 FLOP/s, HBM bytes and HBM bandwidth (bytes/s) per chip (Cloud TPU product pages).
+CHIPS = {"v4": (275e12, 32 << 30, 1200e9), "v5e": (197e12, 16 << 30, 819e9), "v5p": (459e12, 95 << 30, 2765e9),
+         "v6e": (918e12, 32 << 30, 1640e9)}
 
 
 def topology_devices(topology: str):
@@ -66,7 +67,7 @@ def compile_steps(config, topology: str, hlo_dir: str | None = None) -> dict:
     from sprintjax.train import compiled_step, plan
 
     rc: RunConfig = resolve(config)
-    mesh = make_mesh(rc.mesh, topology_devices(topology))
+    mesh = make_mesh(rc.mesh, topology_devices(topology), rc.sharding.fsdp_group)
     gb, dp = rc.data.global_batch, data_parallel_size(mesh)
     if gb % dp:
         raise ConfigError(f"global batch {gb} does not divide over the {dp} data-parallel devices of mesh "
@@ -118,7 +119,7 @@ def compile_steps(config, topology: str, hlo_dir: str | None = None) -> dict:
             "collective_bytes": by_kind(found), "collective_bytes_by_scope": by_scope(found),
             "fsdp_minimum_bytes": fsdp_minimum(p.abstract, p.state_sh, name, m.dtype, rc.distill),
         }
-        report[name].update(_bound(report[name], topology.partition(":")[0]))
+        report[name].update(whole_step(text, topology.partition(":")[0], float(model_flops)))
     return report
 
 
@@ -134,172 +135,26 @@ def _global_flops(step_fn, seed: int, args) -> float:
     return float(_cost(lowered).get("flops", float("nan")))
 
 
-def _bound(r: dict, chip: str) -> dict:
-    """The chip's HBM and peak FLOP/s; the compiler's optimal time scaled from the compiled program's FLOPs
-    (loop bodies once) to the model's, and the model-FLOP utilisation that time would give: an upper bound on
-    MFU (1.0 = compute-bound). libtpu's cost model sometimes reports a negative time: then no bound."""
-    if chip not in CHIPS:
-        return {}
-    out = {"peak_flops": CHIPS[chip][0], "hbm_bytes": CHIPS[chip][1]}
-    if r["flops"] > 0 and r["optimal_seconds"] > 0:
-        seconds = r["optimal_seconds"] * r["model_flops"] / r["flops"]
-        out.update(optimal_seconds_scaled=seconds, mfu_bound=r["model_flops"] / (seconds * CHIPS[chip][0]))
+def whole_step(hlo_text: str, chip: str, model_flops: float) -> dict:
+    """One step read from its compiled HLO with loop trip counts applied (`hlo.roofline`): matmul FLOPs, HBM
+    bytes accessed and, on a known chip, the roofline time (each op at max(FLOPs / peak, bytes / bandwidth)),
+    by model call and by kind of op, and the MFU bound model_flops / (roofline time x peak): the utilisation
+    the step could reach if every op ran at its roofline and collectives overlapped (1.0 = compute-bound)."""
+    peak, hbm, bandwidth = CHIPS.get(chip, (0.0, 0, 0.0))
+    r = roofline(op_costs(hlo_text), peak or 1.0, bandwidth or 1.0)
+    out = {"hlo_flops": r["flops"], "hlo_bytes": r["bytes"],
+           "bytes_by_scope": {k: v["bytes"] for k, v in r["by_scope"].items()},
+           "bytes_by_category": {k: v["bytes"] for k, v in r["by_category"].items()}}
+    if peak and r["seconds"] > 0:
+        out.update(peak_flops=peak, hbm_bytes=hbm, hbm_bandwidth=bandwidth, ridge=r["ridge"],
+                   roofline_seconds=r["seconds"], mfu_bound=model_flops / (r["seconds"] * peak),
+                   roofline_by_scope=r["by_scope"], roofline_by_category=r["by_category"])
     return out
 
 
 def _cost(stage) -> dict:
     cost = stage.cost_analysis() or {}
     return cost[0] if isinstance(cost, list) else cost
-
-
-# ---------------------------------------------------------------- collectives
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2,
-                "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-_HEAD = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
-_COLL = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_WHILE = re.compile(r" while\(%([\w.\-]+)\).*condition=%([\w.\-]+), body=%([\w.\-]+)")
-_DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
-_OPERANDS = re.compile(r"%([\w.\-]+)")
-_CONST = re.compile(r"[su]32\[\](?:\{[^}]*\})? constant\((-?\d+)\)")  # TPU HLO adds a layout
-_INDEX = re.compile(r"get-tuple-element\(%[\w.\-]+\), index=(\d+)")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_CALLS = re.compile(r"(?:calls|true_computation|false_computation)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
-
-
-def _array_bytes(type_str: str) -> list[int]:
-    return [int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _DTYPE_BYTES[dt]
-            for dt, dims in _ARRAY.findall(type_str)]
-
-
-def _op(rhs: str, name: str) -> list[str] | None:
-    """The operand names of an instruction `name(...)`, or None if rhs is another instruction."""
-    m = re.search(r"\s" + re.escape(name) + r"\(([^)]*)\)", rhs)
-    return _OPERANDS.findall(m.group(1)) if m else None
-
-
-class _Module:
-    """The computations of an HLO text: per computation its instructions (name -> right-hand side) and root."""
-
-    def __init__(self, hlo_text: str):
-        self.defs: dict[str, dict[str, str]] = {}
-        self.roots: dict[str, str] = {}
-        self.entry, cur = None, None
-        for line in hlo_text.splitlines():
-            head = _HEAD.match(line)
-            if head:
-                cur = head.group(1)
-                self.defs[cur] = {}
-                self.entry = cur if line.startswith("ENTRY") else self.entry
-            elif line.strip() == "}":
-                cur = None
-            elif cur is not None and (d := _DEF.match(line)):
-                self.defs[cur][d.group(1)] = d.group(2)
-                if line.lstrip().startswith("ROOT "):
-                    self.roots[cur] = d.group(1)
-
-    def _const(self, comp: str, name: str) -> int | None:
-        m = _CONST.search(self.defs[comp].get(name, ""))
-        return int(m.group(1)) if m else None
-
-    def trips(self, caller: str, init: str, cond: str, body: str) -> int:
-        """A while loop's trip count from its induction variable: `i < N` in the condition's root compare, the
-        step `i + s` in the body's root tuple, the start in the operand tuple (XLA's windowed einsums count
-        by 2). Falls back to the condition's largest integer constant."""
-        rhs = self.defs.get(cond, {}).get(self.roots.get(cond, ""), "")
-        args = _op(rhs, "compare")
-        fallback = max((int(n) for r in self.defs.get(cond, {}).values() for n in _CONST.findall(r)), default=1)
-        if not args or len(args) != 2 or "direction=LT" not in rhs:
-            return fallback
-        index, bound = _INDEX.search(self.defs[cond].get(args[0], "")), self._const(cond, args[1])
-        if index is None or bound is None:
-            return fallback
-        k, step, start = int(index.group(1)), 1, 0
-        root = _op(self.defs[body].get(self.roots.get(body, ""), ""), "tuple") or []
-        if k < len(root) and (add := _op(self.defs[body].get(root[k], ""), "add")):
-            step = next((c for a in add if (c := self._const(body, a)) is not None), 1)
-        first = _op(self.defs[caller].get(init, ""), "tuple") or []
-        if k < len(first):
-            start = self._const(caller, first[k]) or 0
-        return max(0, -(-(bound - start) // max(step, 1)))
-
-
-def _scope(rhs: str, outer: str = "(no op_name)") -> str:
-    """The named scope an instruction was traced under (distill.py names each model call), from its op_name:
-    `jit(run)/transpose(jvp(student_scm))/...` -> `student_scm backward`; `(top level)` for an op outside
-    any scope; an op without op_name takes the scope of the op that calls its computation (`outer`: a fusion,
-    a loop), so only what the compiler inserted between ops (e.g. resharding) is `(no op_name)`."""
-    m = _OP_NAME.search(rhs)
-    if not m:
-        return outer
-    parts = m.group(1).split("/")
-    inner = re.fullmatch(r"(?:\w+\()*(\w*)\)*", parts[1]) if len(parts) > 2 else None
-    if not inner or not inner.group(1):
-        return "(top level)"
-    return inner.group(1) + (" backward" if parts[1].startswith("transpose(") else "")
-
-
-def collectives(hlo_text: str) -> collections.Counter:
-    """Per-device payload bytes of one run of a compiled (partitioned) HLO module by (collective kind, named
-    scope): an all-gather's result, the operand of the others, times the trip count of every enclosing loop.
-    libtpu writes a reduce-scatter as a fusion `all-reduce-scatter.N` (an all-reduce, then each device's
-    slice, emitted as one reduce-scatter): its all-reduce counts as a reduce-scatter."""
-    mod = _Module(hlo_text)
-    memo: dict[tuple[str, str], collections.Counter] = {}
-
-    def walk(name: str, outer: str) -> collections.Counter:
-        if (name, outer) not in memo:
-            acc = memo[name, outer] = collections.Counter()
-            for rhs in mod.defs.get(name, {}).values():
-                scope = _scope(rhs, outer)
-                op = _COLL.search(" " + rhs)
-                if op:
-                    sizes = _array_bytes(rhs[:op.start()])
-                    if op.group(2):  # an async start's tuple: (operands, results, context)
-                        n = max(sizes) if op.group(1) == "all-gather" else sizes[0]
-                    elif op.group(1) == "reduce-scatter":  # synchronous: its result is one device's share
-                        defs = mod.defs[name]
-                        n = sum(sum(_array_bytes(defs.get(o, "").split(" ", 1)[0]))
-                                for o in _op(rhs, "reduce-scatter") or [])
-                    else:
-                        n = sum(sizes)
-                    kind = "reduce-scatter" if name.startswith("all-reduce-scatter") else op.group(1)
-                    acc[kind, scope] += n
-                loop = _WHILE.search(" " + rhs)
-                if loop:
-                    n = mod.trips(name, *loop.groups())
-                    for k, v in walk(loop.group(3), scope).items():
-                        acc[k] += n * v
-                    continue
-                for single, branches in _CALLS.findall(rhs):
-                    for callee in [single] if single else _OPERANDS.findall(branches):
-                        acc.update(walk(callee, scope))
-        return memo[name, outer]
-
-    return walk(mod.entry, "(no op_name)") if mod.entry else collections.Counter()
-
-
-def by_kind(found: collections.Counter) -> dict[str, int]:
-    """Collective bytes (from `collectives`) summed by kind."""
-    out = dict.fromkeys(COLLECTIVES, 0)
-    for (kind, _), n in found.items():
-        out[kind] += int(n)
-    return out
-
-
-def by_scope(found: collections.Counter) -> dict[str, int]:
-    """Collective bytes (from `collectives`) summed by named scope, largest first."""
-    out = collections.Counter()
-    for (_, scope), n in found.items():
-        out[scope] += int(n)
-    return dict(out.most_common())
-
-
-def wire_bytes(kinds: dict[str, int]) -> int:
-    """What collectives of these payloads move per device in a ring, up to the (n-1)/n factor every kind
-    shares: an all-reduce moves its payload twice (a reduce-scatter, then an all-gather), the others once."""
-    return sum(kinds.values()) + kinds.get("all-reduce", 0)
 
 
 def _gathers(step: str, d) -> dict[str, int]:
@@ -345,6 +200,10 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _top(by: dict, n: int = 6) -> str:
+    return ", ".join(f"{k} {_size(v)}" for k, v in list(by.items())[:n])
+
+
 def format_report(report: dict, topology: str) -> str:
     lines = [f"topology {topology}: figures per device"]
     for name, r in report.items():
@@ -365,8 +224,14 @@ def format_report(report: dict, topology: str) -> str:
                      f"minimum {_size(least)}")
         scopes = ", ".join(f"{k} {_size(v)}" for k, v in r["collective_bytes_by_scope"].items() if v)
         lines.append(f"  {'':14s} collectives by model call: {scopes or 'none'}")
-        if "hbm_bytes" in r:
-            bound = (f"optimal time scaled to the model FLOPs {r['optimal_seconds_scaled'] * 1e3:.3g} ms: MFU bound "
-                     f"{r['mfu_bound']:.2f}" if "mfu_bound" in r else "no MFU bound (negative optimal time)")
-            lines.append(f"  {'':14s} {bound}; peak ~{_size(r['peak_bytes_estimate'])} of {_size(r['hbm_bytes'])} HBM")
+        lines.append(f"  {'':14s} whole step (loop trip counts applied): {r['hlo_flops'] / 1e12:.4g} TFLOP in "
+                     f"matmuls, {_size(r['hlo_bytes'])} accessed; by kind of op: " + _top(r["bytes_by_category"]))
+        if "roofline_seconds" in r:
+            lines.append(f"  {'':14s} roofline {r['roofline_seconds'] * 1e3:.4g} ms, arithmetic intensity "
+                         f"{r['hlo_flops'] / max(r['hlo_bytes'], 1):.0f} FLOP/B (ridge {r['ridge']:.0f}): MFU bound "
+                         f"{r['mfu_bound']:.2f}; peak ~{_size(r['peak_bytes_estimate'])} of "
+                         f"{_size(r['hbm_bytes'])} HBM")
+            lines.append(f"  {'':14s} roofline by model call: " + ", ".join(
+                f"{k} {v['seconds'] * 1e3:.3g} ms ({v['intensity']:.0f} FLOP/B)"
+                for k, v in list(r["roofline_by_scope"].items())[:8]))
     return "\n".join(lines)

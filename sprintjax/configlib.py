@@ -53,9 +53,13 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
-    rules: tuple = ((".*", "fsdp"),)  # (regex over the state path, kind) for student, heads, optimisers
-    teacher_rules: tuple = ((".*", "fsdp"),)  # the frozen teacher may be sharded differently
+    # (regex over the state path, kind) for student, heads, optimisers. The depthwise conv kernels stay whole:
+    # sharded on their channels, the grouped convolution makes XLA's partitioner move the activations by
+    # all-to-all instead (BENCHMARKS.md §3 item 11)
+    rules: tuple = ((".*conv_depth.*", "replicate"), (".*", "fsdp"))
+    teacher_rules: tuple = ((".*conv_depth.*", "replicate"), (".*", "fsdp"))  # the frozen teacher's may differ
     min_fsdp_size: int = 1 << 14
+    fsdp_group: int = 32  # a mesh with data and fsdp both -1: FSDP within up to this many devices, replicas above
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +220,8 @@ def run_config(model: ModelConfig, *, distill=None, data=None, train=None, shard
 def official_recipe(teacher_preset: str, global_batch: int = 512):
     """SANA-Sprint's distillation recipe at 1024px (facts §6) around a teacher preset: CAME at
     lr 2e-6 x sqrt(global_batch / 256) for G and D, 5000-step G warmup, bf16 compute with float32 weights,
-    ~20k G+D iteration pairs, FSDP over every device."""
+    ~20k G+D iteration pairs; FSDP over up to 32 devices, data-parallel replicas above (with ZeRO-3 blocks:
+    `zero3_blocks=auto`)."""
     import math
 
     from sprintjax.model_config import preset
@@ -224,10 +229,11 @@ def official_recipe(teacher_preset: str, global_batch: int = 512):
     lr = 2e-6 * math.sqrt(global_batch / 256)
     return run_config(
         preset(teacher_preset, dtype="bfloat16", remat="dots"),
-        # the JVP stays float32 (the official code autocasts it to bf16): the miniature's quality holds in bf16
-        # (BENCHMARKS.md §6) but the compiled TPU figures of a bf16 JVP are not measured yet (issue 20 item 3)
+        # the JVP stays float32 (the official code autocasts it to bf16): in bf16 the miniature's quality holds
+        # and the 0.6B generator step on v5p-64 reads 9% fewer HBM bytes, but its peak memory per chip goes
+        # from 17.5 to 33 GiB, more than a v6e chip holds (BENCHMARKS.md §6)
         distill=dict(lr_g=lr, lr_d=lr, jvp_dtype="float32"),
         data=dict(global_batch=global_batch, worker_count=8, prefetch=4),
         train=dict(num_steps=40_000, log_every=50, ckpt_every=1000, keep=3, keep_every=5000, sample_every=1000),
-        mesh={"data": 1, "fsdp": -1},
+        mesh={"data": -1, "fsdp": -1},  # picks itself: FSDP within 32 devices, replicas above (sharding.py)
     )

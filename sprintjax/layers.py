@@ -182,13 +182,28 @@ class CrossAttention(nn.Module):
         return Dense(d, dtype=self.dtype, name="to_out")(out)
 
 
+def _depthwise_row_sums(x, kernel):
+    """3x3 depthwise conv, padding 1, as shifted multiply-adds: the taps of each kernel row summed first, then
+    the three row sums shifted along H (autodiff keeps three shifted inputs for the kernel gradient, not eight)."""
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = [sum(padded[:, :, dx:dx + w, :] * kernel[dy, dx, 0] for dx in range(3)) for dy in range(3)]
+    return sum(row[:, dy:dy + h] for dy, row in enumerate(rows))
+
+
+def _depthwise_grouped(x, kernel):
+    """3x3 depthwise conv, padding 1, as one grouped convolution (NHWC, kernel HWIO with I = 1)."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=x.shape[-1])
+
+
 class DepthwiseConv3x3(nn.Module):
-    """3x3 depthwise conv (padding 1, bias) as shifted multiply-adds, parameters `kernel` [3, 3, 1, C] (Flax's
-    depthwise layout) and `bias` [C]. Same result as a grouped conv, which XLA:CPU runs ~8x slower forward and
-    backward inside a Mix-FFN (benchmarks/op_profile.py --ffn); shifted products are plain elementwise ops on
-    every backend. The taps of each kernel row are summed first and the three row sums then shifted along H, so
-    autodiff keeps three shifted inputs for the kernel gradient instead of eight, each of which XLA:CPU
-    materialised by recomputing the SiLU before it (Mix-FFN forward 20 -> 10 ms, gradient 79 -> 68 ms)."""
+    """3x3 depthwise conv (padding 1, bias), parameters `kernel` [3, 3, 1, C] (Flax's depthwise layout) and
+    `bias` [C]. The formulation follows the platform the program is lowered for (`lax.platform_dependent`; the
+    same math): on CPU shifted multiply-adds (`_depthwise_row_sums`: XLA:CPU runs a grouped conv ~8x slower
+    forward and backward inside a Mix-FFN, benchmarks/op_profile.py --ffn), elsewhere one grouped convolution,
+    which reads its input once where the shifted products materialise each shift (on v5p the row sums were 24%
+    of the 0.6B generator step's HBM bytes; BENCHMARKS.md §3). Both are forward-mode differentiable."""
 
     dtype: jnp.dtype
 
@@ -197,12 +212,9 @@ class DepthwiseConv3x3(nn.Module):
         c = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, 1, c), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        x = x.astype(self.dtype)
-        h, w = x.shape[1:3]
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        k = kernel.astype(self.dtype)
-        rows = [sum(padded[:, :, dx:dx + w, :] * k[dy, dx, 0] for dx in range(3)) for dy in range(3)]  # [B, H+2, W, C]
-        return sum(row[:, dy:dy + h] for dy, row in enumerate(rows)) + bias.astype(self.dtype)
+        x, k = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jax.lax.platform_dependent(x, k, cpu=_depthwise_row_sums, default=_depthwise_grouped)
+        return y + bias.astype(self.dtype)
 
 
 class MixFFN(nn.Module):

@@ -182,13 +182,10 @@ class SanaTransformer:
         def apply(h, p, temb6, y, y_bias):
             return block.apply({"params": p}, h, temb6, y, y_bias)
 
-        # ZeRO-3 blocks under an FSDP mesh, each block's weights gathered once per pass (by default with remat
-        # full; with dots the partitioner's windowed einsums move fewer bytes on 32 chips, ZeRO-3 on 2 x 32:
-        # BENCHMARKS.md §3, items 7 and 9)
-        remat, zero3 = self.config.remat, self.config.zero3_blocks
+        remat = self.config.remat
         if remat != "none":  # fsdp_block without specs only rematerialises
-            specs = self.block_specs if zero3 == "on" or (zero3 == "auto" and remat == "full") else None
-            apply = fsdp_block(apply, specs, _REMAT[remat], self._compute_kernels)
+            apply = fsdp_block(apply, self.block_specs if self._zero3() else None, _REMAT[remat],
+                               self._compute_kernels)
 
         def body(h, p):
             return constrain_batch(apply(h, p, temb6, y, y_bias)), None
@@ -209,6 +206,17 @@ class SanaTransformer:
         if start < self.config.num_layers and not features_only:
             tokens = run(tokens, start, self.config.num_layers)
         return tokens, [feats[i] for i in features_after]
+
+    def _zero3(self) -> bool:
+        """Whether the blocks run as ZeRO-3 (`zero3_blocks`): `auto` picks it with remat full, and with dots
+        under a mesh of replicas beside an fsdp axis (HSDP); with dots over one FSDP group the partitioner's
+        windowed einsums move fewer bytes (BENCHMARKS.md §3, items 7 and 9)."""
+        zero3 = self.config.zero3_blocks
+        if zero3 != "auto":
+            return zero3 == "on"
+        mesh = jax.sharding.get_abstract_mesh()
+        hsdp = not mesh.empty and mesh.shape.get("data", 1) > 1 and mesh.shape.get("fsdp", 1) > 1
+        return self.config.remat == "full" or hsdp
 
     def _compute_kernels(self, block_params):
         """Matmul and conv kernels in the compute dtype (every layer casts them so before use: exact)."""

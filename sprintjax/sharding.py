@@ -1,10 +1,13 @@
 """Device mesh and shardings, declared by the config.
 
-The mesh has named axes (e.g. data, fsdp, tensor; one size may be -1 to take the remaining devices). Batches
-shard their leading axis over every data-parallel axis (data and fsdp). Parameters, optimiser states and
-discriminator heads follow rules: an ordered list of (regex over the leaf path, kind) where kind is
-`fsdp` (the largest dimension divisible by the fsdp axis, never the stacked layer axis, on the fsdp axis) or
-`replicate`. Leaves smaller than `min_fsdp_size` elements stay replicated.
+The mesh has named axes (e.g. data, fsdp, tensor; one size may be -1 to take the remaining devices). With both
+`data` and `fsdp` at -1 the mesh picks itself from the device count: FSDP within groups of up to
+`fsdp_group` devices (the largest divisor of the count not above it; 32 measured best on v5p and v6e, where
+libtpu rewrites each all-gather over 64 devices as an all-reduce: BENCHMARKS.md §3 item 6), data-parallel
+replicas above it (HSDP). Batches shard their leading axis over every data-parallel axis (data and fsdp).
+Parameters, optimiser states and discriminator heads follow rules: an ordered list of (regex over the leaf
+path, kind) where kind is `fsdp` (the largest dimension divisible by the fsdp axis, never the stacked layer
+axis, on the fsdp axis) or `replicate`. Leaves smaller than `min_fsdp_size` elements stay replicated.
 """
 
 from __future__ import annotations
@@ -23,9 +26,19 @@ BATCH_AXES = ("data", "fsdp")
 KINDS = ("fsdp", "replicate")
 
 
-def mesh_shape(axes: dict[str, int], n_devices: int) -> dict[str, int]:
-    """Resolves one -1 axis; the product must equal the device count (a clear error otherwise)."""
+def mesh_shape(axes: dict[str, int], n_devices: int, fsdp_group: int = 32) -> dict[str, int]:
+    """Resolves one -1 axis, or `data` and `fsdp` both -1 (FSDP within up to `fsdp_group` devices, replicas
+    above); the product must equal the device count (a clear error otherwise)."""
     axes = dict(axes)
+    if axes.get("data") == -1 and axes.get("fsdp") == -1:
+        rest = math.prod(v for k, v in axes.items() if k not in ("data", "fsdp"))
+        if rest < 1 or n_devices % rest:
+            raise ConfigError(f"mesh {axes} does not fit {n_devices} devices ({n_devices} % {rest} != 0)")
+        if fsdp_group < 1:
+            raise ConfigError(f"sharding.fsdp_group must be >= 1, got {fsdp_group}")
+        n = n_devices // rest
+        axes["fsdp"] = max(d for d in range(1, min(n, fsdp_group) + 1) if n % d == 0)
+        axes["data"] = n // axes["fsdp"]
     free = [k for k, v in axes.items() if v == -1]
     if len(free) > 1:
         raise ConfigError(f"mesh: at most one axis may be -1, got {axes}")
@@ -39,11 +52,12 @@ def mesh_shape(axes: dict[str, int], n_devices: int) -> dict[str, int]:
     return axes
 
 
-def make_mesh(axes: dict[str, int], devices=None) -> Mesh:
-    """A Mesh (Auto axes) over `devices` (default: all), ordered by process so each host's rows are contiguous."""
+def make_mesh(axes: dict[str, int], devices=None, fsdp_group: int = 32) -> Mesh:
+    """A Mesh (Auto axes) over `devices` (default: all), ordered by process so each host's rows are contiguous
+    (and, the last axis varying fastest, each FSDP group within as few hosts as possible)."""
     devices = list(jax.devices() if devices is None else devices)
     devices.sort(key=lambda d: (d.process_index, d.id))
-    shape = mesh_shape(axes, len(devices))
+    shape = mesh_shape(axes, len(devices), fsdp_group)
     return Mesh(np.array(devices).reshape(tuple(shape.values())), tuple(shape))
 
 

@@ -182,7 +182,7 @@ def train(config, workdir: str | Path) -> str:
     """
     # ------------------------------------------------------------------ 1. config, mesh, checks, workdir
     rc = resolve(config)
-    mesh = make_mesh(rc.mesh)
+    mesh = make_mesh(rc.mesh, fsdp_group=rc.sharding.fsdp_group)
     _check_inputs(rc, mesh)
     with claimed(workdir) as claim:
         return _run(rc, config, Path(workdir).absolute(), mesh, claim)

@@ -139,7 +139,6 @@ cfg = ModelConfig(in_channels=4, out_channels=4, num_attention_heads=2, attentio
                   caption_channels=12, sample_size=8)
 plain = SanaTransformer(cfg)
 params = plain.init(jax.random.key(0))
-mesh = make_mesh({"data": 2, "fsdp": 4})
 x, cap = jax.random.normal(jax.random.key(1), (8, 4, 8, 8)), jax.random.normal(jax.random.key(2), (8, 5, 12))
 t = jax.random.uniform(jax.random.key(3), (8,))
 
@@ -150,8 +149,10 @@ def both(m, p, x):  # a loss with its gradient, and the sCM-style JVP tangent of
 
 want = both(plain, params, x)
 flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
-for kind, remat, zero3_blocks in (("fsdp", "full", "auto"), ("replicate", "full", "auto"), ("fsdp", "dots", "on"),
-                                  ("fsdp", "full", "off")):
+for kind, remat, zero3_blocks, data in (("fsdp", "full", "auto", 2), ("replicate", "full", "auto", 2),
+                                        ("fsdp", "dots", "on", 1), ("fsdp", "full", "off", 2),
+                                        ("fsdp", "dots", "auto", 2), ("fsdp", "dots", "auto", 1)):
+    mesh = make_mesh({"data": data, "fsdp": 8 // data})
     sh = tree_shardings(params, mesh, ((".*", kind),), min_fsdp_size=256)
     zero3 = SanaTransformer(cfg.replace(remat=remat, zero3_blocks=zero3_blocks),
                             block_specs=block_specs(sh["transformer_blocks"]))
@@ -164,15 +165,17 @@ for kind, remat, zero3_blocks in (("fsdp", "full", "auto"), ("replicate", "full"
     got = step(jax.device_put(params, sh), jax.device_put(x, batch_sharding(mesh)))
     err = max(float(np.max(np.abs(flat(a) - flat(b))) / np.max(np.abs(flat(b)))) for a, b in zip(got, want))
     # explicit gathers in the lowered program are ZeRO-3's own (the partitioner's appear only when compiled)
-    print(f"{kind},{remat},{zero3_blocks}", err, step.lower(params, x).as_text().count("stablehlo.all_gather"))
+    gathers = step.lower(params, x).as_text().count("stablehlo.all_gather")
+    print(f"{kind},{remat},{zero3_blocks},data={data}", err, gathers)
 """
 
 
 def test_zero3_blocks_on_eight_devices_match_the_plain_model():
     """Rematerialised blocks under an FSDP mesh gather their weights in a shard_map (sharding.fsdp_block; by
-    default with remat full, with dots when `zero3_blocks='on'`, never when 'off'): value, weight gradients and
-    the forward-mode tangent equal the plain model's; the lowered program gathers explicitly only as ZeRO-3
-    (the SPMD partitioner's own gathers appear only after compilation); replicated weights are not gathered."""
+    default with remat full and, under an HSDP mesh, with dots; with dots when `zero3_blocks='on'`, never when
+    'off'): value, weight gradients and the forward-mode tangent equal the plain model's; the lowered program
+    gathers explicitly only as ZeRO-3 (the SPMD partitioner's own gathers appear only after compilation);
+    replicated weights are not gathered."""
     import os
     import subprocess
     import sys
@@ -180,8 +183,63 @@ def test_zero3_blocks_on_eight_devices_match_the_plain_model():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-c", ZERO3_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    got = {case: (float(err), int(n)) for case, err, n in (line.split() for line in out.stdout.splitlines()[-4:])}
-    assert sorted(got) == ["fsdp,dots,on", "fsdp,full,auto", "fsdp,full,off", "replicate,full,auto"], out.stdout
-    assert all(err < 1e-5 for err, _ in got.values()), got
-    assert got["fsdp,full,auto"][1] > 0 and got["fsdp,dots,on"][1] > 0
-    assert got["replicate,full,auto"][1] == 0 and got["fsdp,full,off"][1] == 0
+    got = {case: (float(err), int(n)) for case, err, n in (line.split() for line in out.stdout.splitlines()[-6:])}
+    assert len(got) == 6 and all(err < 1e-5 for err, _ in got.values()), out.stdout
+    gathers = {case: n > 0 for case, (_, n) in got.items()}
+    assert gathers == {"fsdp,full,auto,data=2": True, "replicate,full,auto,data=2": False,
+                       "fsdp,dots,on,data=1": True, "fsdp,full,off,data=2": False,
+                       "fsdp,dots,auto,data=2": True, "fsdp,dots,auto,data=1": False}, got
+
+
+@pytest.mark.parametrize("axes,devices,group,want", [
+    ({"data": -1, "fsdp": -1}, 64, 32, {"data": 2, "fsdp": 32}),  # v5p-64: HSDP 2 x 32
+    ({"data": -1, "fsdp": -1}, 8, 32, {"data": 1, "fsdp": 8}),  # one group: plain FSDP
+    ({"data": -1, "fsdp": -1}, 48, 32, {"data": 2, "fsdp": 24}),  # 32 does not divide 48: the largest that does
+    ({"data": -1, "fsdp": -1}, 7, 4, {"data": 7, "fsdp": 1}),  # a prime count above the group: replicas only
+    ({"data": -1, "fsdp": -1, "tensor": 2}, 64, 32, {"data": 1, "fsdp": 32, "tensor": 2}),
+    ({"data": 4, "fsdp": -1}, 64, 32, {"data": 4, "fsdp": 16}),  # an explicit axis wins
+    ({"data": 1, "fsdp": -1}, 64, 32, {"data": 1, "fsdp": 64}),
+])
+def test_a_mesh_picks_itself_from_the_device_count(axes, devices, group, want):
+    from sprintjax.sharding import mesh_shape
+
+    assert mesh_shape(axes, devices, group) == want
+
+
+def test_an_explicit_mesh_is_still_checked_and_the_pod_recipes_pick_theirs():
+    from sprintjax.configlib import load_config, resolve
+    from sprintjax.sharding import mesh_shape
+
+    with pytest.raises(ConfigError, match="does not fit 64 devices"):
+        mesh_shape({"data": 3, "fsdp": -1}, 64)
+    with pytest.raises(ConfigError, match="has 6 devices but 8"):
+        mesh_shape({"data": 3, "fsdp": 2}, 8)
+    for path in ("configs/sana_sprint_600m_1024.py", "configs/sana_sprint_1600m_1024.py"):
+        rc = resolve(load_config(path))
+        assert mesh_shape(rc.mesh, 64, rc.sharding.fsdp_group) == {"data": 2, "fsdp": 32}
+        assert mesh_shape(rc.mesh, 16, rc.sharding.fsdp_group) == {"data": 1, "fsdp": 16}
+
+
+def test_both_depthwise_formulations_equal_a_float64_reference():
+    """The depthwise 3x3 conv runs as shifted multiply-adds on CPU and as one grouped convolution elsewhere
+    (layers.DepthwiseConv3x3, by lax.platform_dependent): both equal a direct float64 loop over the nine taps
+    with zero padding, in value, forward-mode tangent (the sCM JVP) and kernel gradient."""
+    from sprintjax.layers import _depthwise_grouped, _depthwise_row_sums
+
+    rng = np.random.default_rng(0)
+    x, k = rng.normal(size=(2, 5, 7, 6)), rng.normal(size=(3, 3, 1, 6))
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = sum(padded[:, dy:dy + 5, dx:dx + 7] * k[dy, dx, 0] for dy in range(3) for dx in range(3))
+    dx_, dk = rng.normal(size=x.shape), rng.normal(size=k.shape)
+    with jax.enable_x64():
+        for f in (_depthwise_row_sums, _depthwise_grouped):
+            y, tangent = jax.jvp(f, (jnp.asarray(x), jnp.asarray(k)), (jnp.asarray(dx_), jnp.asarray(dk)))
+            np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+            # bilinear: the tangent is f(dx, k) + f(x, dk)
+            np.testing.assert_allclose(tangent, f(jnp.asarray(dx_), jnp.asarray(k)) + f(jnp.asarray(x),
+                                                                                         jnp.asarray(dk)), rtol=1e-12)
+            grad = jax.grad(lambda k, f=f: jnp.sum(f(jnp.asarray(x), k) * want))(jnp.asarray(k))
+            # d/dk[dy, dx] of sum(y * want) = sum over pixels of the shifted input times want
+            expect = np.array([[[(padded[:, dy:dy + 5, dx:dx + 7] * want).sum((0, 1, 2))] for dx in range(3)]
+                               for dy in range(3)])
+            np.testing.assert_allclose(grad, expect, rtol=1e-10)
