@@ -220,8 +220,8 @@ def run_config(model: ModelConfig, *, distill=None, data=None, train=None, shard
 def official_recipe(teacher_preset: str, global_batch: int = 512):
     """SANA-Sprint's distillation recipe at 1024px (facts §6) around a teacher preset: CAME at
     lr 2e-6 x sqrt(global_batch / 256) for G and D, 5000-step G warmup, bf16 compute with float32 weights,
-    ~20k G+D iteration pairs; FSDP over up to 32 devices, data-parallel replicas above (with ZeRO-3 blocks:
-    `zero3_blocks=auto`)."""
+    ~20k G+D iteration pairs; FSDP over up to 32 devices, data-parallel replicas above, ZeRO-3 blocks
+    (`zero3_blocks=auto`)."""
     import math
 
     from sprintjax.model_config import preset

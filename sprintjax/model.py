@@ -208,15 +208,12 @@ class SanaTransformer:
         return tokens, [feats[i] for i in features_after]
 
     def _zero3(self) -> bool:
-        """Whether the blocks run as ZeRO-3 (`zero3_blocks`): `auto` picks it with remat full, and with dots
-        under a mesh of replicas beside an fsdp axis (HSDP); with dots over one FSDP group the partitioner's
-        windowed einsums move fewer bytes (BENCHMARKS.md §3, items 7 and 9)."""
-        zero3 = self.config.zero3_blocks
-        if zero3 != "auto":
-            return zero3 == "on"
-        mesh = jax.sharding.get_abstract_mesh()
-        hsdp = not mesh.empty and mesh.shape.get("data", 1) > 1 and mesh.shape.get("fsdp", 1) > 1
-        return self.config.remat == "full" or hsdp
+        """Whether rematerialised blocks run as ZeRO-3 under an FSDP mesh (`zero3_blocks`): `auto` is the
+        measured best, today always: on v5p-64 (2 x 32) it moves 1.06x the FSDP minimum where the partitioner
+        moves 2.1x, and on v5p-32 its collectives are 1.36x against the partitioner's 1.17x but its whole step
+        reads half the HBM bytes (the partitioner's windowed einsums re-read their operands every trip: MFU
+        bound 0.33 against 0.19; BENCHMARKS.md §3, items 9 and 13)."""
+        return self.config.zero3_blocks != "off"
 
     def _compute_kernels(self, block_params):
         """Matmul and conv kernels in the compute dtype (every layer casts them so before use: exact)."""

@@ -50,9 +50,9 @@ class ModelConfig:
     # --- sprintjax compute settings (not part of the diffusers config) ---
     dtype: str = "float32"  # compute dtype of matmuls/convs; attention, norms and softmax stay >= float32
     remat: str = "none"  # rematerialisation of each transformer block: none | full | dots
-    # rematerialised blocks under an FSDP mesh run as ZeRO-3 (sharding.fsdp_block): auto (with remat full, and
-    # with dots under an HSDP mesh: data and fsdp > 1), on (full or dots; without remat never), off (the SPMD
-    # partitioner's gathers); BENCHMARKS.md §3 item 9
+    # rematerialised blocks under an FSDP mesh run as ZeRO-3 (sharding.fsdp_block): auto (the measured best:
+    # today always), on (always; without remat never), off (the SPMD partitioner's gathers); BENCHMARKS.md §3
+    # items 9 and 13
     zero3_blocks: str = "auto"
     scan_layers: bool = True  # lax.scan over the blocks (compile time flat in depth) or an unrolled loop
 
