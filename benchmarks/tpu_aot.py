@@ -31,17 +31,16 @@ MATRIX = [(m, chip, n, {}) for m, chip, n in (("600m", "v5p", 32), ("1600m", "v5
                                               ("1600m", "v6e", 32), ("600m", "v5p", 64), ("1600m", "v5p", 64),
                                               ("600m", "v6e", 64), ("1600m", "v6e", 64))]
 REPLICATED_TEACHER = '((".*", "replicate"),)'
-VARIANTS = [  # before/after figures of the remat policy, where the teacher lives and the sCM form
+VARIANTS = [  # before/after figures of the remat policy, the mesh, ZeRO-3, where the teacher lives, the sCM form
     ("600m", "v6e", 32, {"model.remat": "full"}),
     ("1600m", "v6e", 32, {"model.remat": "full"}),
     ("600m", "v5p", 32, {"sharding.teacher_rules": REPLICATED_TEACHER}),
     ("600m", "v5p", 32, {"distill.scm_form": "two_pass"}),
-    *[(m, chip, 64, {"mesh.data": 2}) for m in ("600m", "1600m") for chip in ("v5p", "v6e")],  # HSDP 2 x 32
+    *[(m, chip, 64, {"mesh.data": 2, "model.zero3_blocks": "off"}) for m in ("600m", "1600m")
+      for chip in ("v5p", "v6e")],  # HSDP 2 x 32 by the partitioner
     *[(m, chip, 64, {"mesh.data": 2, "model.remat": "full"}) for m in ("600m", "1600m")
       for chip in ("v5p", "v6e")],  # HSDP + ZeRO-3 blocks
-    ("600m", "v5p", 32, {"model.zero3_blocks": "on"}),  # ZeRO-3 blocks with remat dots
-    *[(m, chip, 64, {"mesh.data": 2, "model.zero3_blocks": "on"}) for m, chip in (("600m", "v5p"), ("600m", "v6e"),
-                                                                                  ("1600m", "v5p"))],
+    ("600m", "v5p", 32, {"model.zero3_blocks": "off"}),  # the partitioner's FSDP (the 32-chip default until stop 31)
     *[("600m", chip, 64, {"distill.jvp_dtype": "bfloat16"}) for chip in ("v5p", "v6e")],  # the bf16 sCM path
     ("600m", "v5p", 64, {"mesh.data": 1}),  # FSDP over all 64 (the default before the mesh picked itself)
 ]
