@@ -23,8 +23,7 @@ import numpy as np
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2,
                 "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-_LAID_OUT = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")  # dtype, dims, layout
 _HEAD = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
 _COLL = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _WHILE = re.compile(r" while\(%([\w.\-]+)\).*condition=%([\w.\-]+), body=%([\w.\-]+)")
@@ -36,16 +35,19 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"(?:calls|true_computation|false_computation)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 
 
-def _hbm_bytes(type_str: str) -> list[int]:
-    """Bytes of each array of a type that lives in HBM: libtpu's memory-space assignment places some buffers
-    in on-chip memory (a layout with `S(n)`, n > 0), which moves through `copy-start` prefetches instead."""
-    return [int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _DTYPE_BYTES[dt]
-            * (not re.search(r"S\([1-9]", layout)) for dt, dims, layout in _LAID_OUT.findall(type_str)]
+def _arrays(type_str: str) -> list[tuple[int, bool]]:
+    """(bytes, in HBM) of each array of a type: libtpu's memory-space assignment places some buffers in
+    on-chip memory (a layout with `S(n)`, n > 0), which move through `copy-start` prefetches instead."""
+    return [(int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _DTYPE_BYTES[dt],
+             not re.search(r"S\([1-9]", layout)) for dt, dims, layout in _ARRAY.findall(type_str)]
 
 
 def _array_bytes(type_str: str) -> list[int]:
-    return [int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _DTYPE_BYTES[dt]
-            for dt, dims in _ARRAY.findall(type_str)]
+    return [n for n, _ in _arrays(type_str)]
+
+
+def _hbm_bytes(type_str: str) -> list[int]:
+    return [n * in_hbm for n, in_hbm in _arrays(type_str)]
 
 
 def _op(rhs: str, name: str) -> list[str] | None:
@@ -202,8 +204,8 @@ def _opcode(rhs: str) -> tuple[str, str]:
 
 
 def _dims(type_str: str) -> list[int]:
-    found = _ARRAY.findall(type_str)
-    return [int(d) for d in found[0][1].split(",") if d] if found else []
+    found = _ARRAY.search(type_str)
+    return [int(d) for d in found.group(2).split(",") if d] if found else []
 
 
 def _valid_taps(rhs: str, inputs: list[int], outputs: list[int]) -> float:
