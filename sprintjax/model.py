@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import flax.linen as nn
@@ -47,19 +48,25 @@ def _table_init(dim):
 
 
 class Embed(nn.Module):
-    """Patch embedding, time (+ guidance) embedding, caption projection and caption RMSNorm."""
+    """Patch embedding, time (+ guidance) embedding, caption projection and caption RMSNorm.
+
+    A ControlNet also passes its control latents, embedded by the same patch conv (diffusers'
+    SanaControlNetModel: `self.patch_embed(controlnet_cond)`), returned as a fifth output."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_nhwc, timestep, caption, guidance):
+    def __call__(self, x_nhwc, timestep, caption, guidance, control_nhwc=None):
         cfg, d, p = self.cfg, self.cfg.hidden_size, self.cfg.patch_size
-        h = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype, param_dtype=jnp.float32,
-                    name="patch_embed")(x_nhwc)
-        tokens = hi(h.reshape(h.shape[0], -1, d))
+        conv = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype, param_dtype=jnp.float32,
+                       name="patch_embed")
+        to_tokens = lambda h: hi(h.reshape(h.shape[0], -1, d))  # noqa: E731
+        tokens = to_tokens(conv(x_nhwc))
         temb6, cond = TimeEmbed(d, cfg.guidance_embeds, cfg.dtype, name="time_embed")(timestep, guidance)
         y = CaptionProjection(d, cfg.dtype, name="caption_projection")(caption)
         y = RMSNorm(1e-5, name="caption_norm")(y)
+        if control_nhwc is not None:
+            return tokens, temb6, cond, y, to_tokens(conv(control_nhwc))
         return tokens, temb6, cond, y
 
 
@@ -140,19 +147,21 @@ class SanaTransformer:
                 z(1, 1))
 
     # ---- forward ----
-    def apply(self, params, x, timestep, caption, caption_mask=None, guidance=None):
+    def apply(self, params, x, timestep, caption, caption_mask=None, guidance=None, control=None):
         """Velocity of the flow model: diffusers' forward(x, caption, timestep, guidance, caption_mask).
 
         x: [B, C, H, W]; timestep: scalar or [B] (flow-matching time, t_FM in [0, 1] for SANA-Sprint);
         caption: [B, L, caption_channels]; caption_mask: [B, L] of 1 (keep) / 0 (pad) or None;
         guidance: [B] guidance-embedder input (already multiplied by guidance_embeds_scale, as diffusers'
-        pipeline passes it), required iff config.guidance_embeds. Returns float32 [B, C_out, H, W].
+        pipeline passes it), required iff config.guidance_embeds; control: a ControlNet's residuals
+        [n, B, N, D] (`controlnet.SanaControlNet.apply`), added after blocks 1..n as diffusers'
+        `controlnet_block_samples`. Returns float32 [B, C_out, H, W].
         """
-        out, _ = self.forward(params, x, timestep, caption, caption_mask, guidance)
+        out, _ = self.forward(params, x, timestep, caption, caption_mask, guidance, control=control)
         return out
 
     def forward(self, params, x, timestep, caption, caption_mask=None, guidance=None, features_after=(),
-                features_only=False):
+                features_only=False, control=None):
         """Like `apply`, also returning aux: the conditioning embedding and block features.
 
         features_after: 0-based block indices whose output tokens [B, N, D] are returned in
@@ -165,9 +174,12 @@ class SanaTransformer:
         tokens, temb6, cond, y = Embed(cfg).apply({"params": {k: params[k] for k in EMBED_KEYS}},
                                                   x_nhwc, timestep, caption, guidance)
         tokens, y = constrain_batch(tokens), constrain_batch(y)
+        if control is not None and (control.ndim != 4 or control.shape[1:] != tokens.shape):
+            raise ShapeError(f"ControlNet residuals must be [n, {', '.join(map(str, tokens.shape))}] (blocks, batch, "
+                             f"tokens, hidden size), got {tuple(control.shape)}")
         y_bias = (1.0 - hi(caption_mask)) * MASK_BIAS
         tokens, feats = self._blocks(params["transformer_blocks"], tokens, temb6, y, y_bias, (hh, ww),
-                                     features_after, features_only)
+                                     features_after, features_only, control)
         if features_only:
             return None, {"cond": cond, "features": feats}
         out = Final(cfg).apply({"params": {k: params[k] for k in FINAL_KEYS}}, tokens, cond)
@@ -176,7 +188,35 @@ class SanaTransformer:
         out = hi(out.reshape(b, cfg.out_ch, hh * p, ww * p))
         return out, {"cond": cond, "features": feats}
 
-    def _blocks(self, stacked, tokens, temb6, y, y_bias, hw, features_after, features_only=False):
+    def _blocks(self, stacked, tokens, temb6, y, y_bias, hw, features_after, features_only=False, control=None):
+        """The main blocks, split where a feature is read or a ControlNet residual starts or stops."""
+        n_layers, n_ctrl = self.config.num_layers, 0 if control is None else control.shape[0]
+        for end in features_after:
+            if not 0 <= end < n_layers:
+                raise ShapeError(f"feature layer {end} outside 0..{n_layers - 1}")
+        if n_ctrl >= n_layers:
+            raise ShapeError(f"a ControlNet of {n_ctrl} blocks needs a transformer of more than {n_ctrl} blocks "
+                             f"(its residuals follow blocks 1..{n_ctrl}), this one has {n_layers}")
+        last = max(features_after) + 1 if features_only and features_after else n_layers
+        cuts = {0, last} | {f + 1 for f in features_after} | ({1, n_ctrl + 1} if n_ctrl else set())
+        cuts = sorted(c for c in cuts if c <= last)
+        feats = {}
+        for start, stop in itertools.pairwise(cuts):
+            # diffusers' controlnet_block_samples: sample k-1 is added after block k, for 1 <= k <= n_ctrl
+            res = control[start - 1:stop - 1] if n_ctrl and 1 <= start and stop <= n_ctrl + 1 else None
+            tokens = self.run_blocks(stacked, tokens, start, stop, temb6, y, y_bias, hw, residuals=res)[0]
+            if stop - 1 in features_after:
+                feats[stop - 1] = tokens
+        return tokens, [feats[i] for i in features_after]
+
+    def run_blocks(self, stacked, h, start, stop, temb6, y, y_bias, hw, residuals=None, emit=None):
+        """Blocks start..stop-1 (scanned or unrolled, rematerialised / ZeRO-3 as configured).
+
+        residuals: [stop - start, B, N, D] added after each block, or None. emit: fn(params, h) -> out applied
+        to each block's output with that layer's params, for a
+        ControlNet's zero linears; emit = (fn, params stacked like the blocks), the outputs come back stacked
+        as the second result.
+        """
         block = Block(self.config, hw)
 
         def apply(h, p, temb6, y, y_bias):
@@ -186,26 +226,24 @@ class SanaTransformer:
         if remat != "none":  # fsdp_block without specs only rematerialises
             apply = fsdp_block(apply, self.block_specs if self._zero3() else None, _REMAT[remat],
                                self._compute_kernels)
+        fn, emit_params = emit if emit is not None else (None, None)
 
-        def body(h, p):
-            return constrain_batch(apply(h, p, temb6, y, y_bias)), None
+        def body(h, xs):
+            p, r, e = xs
+            h = constrain_batch(apply(h, p, temb6, y, y_bias))
+            h = h if r is None else h + r
+            return h, None if fn is None else fn(e, h)
 
-        def run(h, start, stop):  # blocks start..stop-1, scanned or unrolled
-            if self.config.scan_layers:
-                return jax.lax.scan(body, h, jax.tree.map(lambda a: a[start:stop], stacked))[0]
-            for i in range(start, stop):
-                h = body(h, jax.tree.map(lambda a, i=i: a[i], stacked))[0]
-            return h
-
-        feats, start = {}, 0
-        for end in sorted(set(features_after)):
-            if not 0 <= end < self.config.num_layers:
-                raise ShapeError(f"feature layer {end} outside 0..{self.config.num_layers - 1}")
-            tokens = feats[end] = run(tokens, start, end + 1)
-            start = end + 1
-        if start < self.config.num_layers and not features_only:
-            tokens = run(tokens, start, self.config.num_layers)
-        return tokens, [feats[i] for i in features_after]
+        take = lambda tree, sl: jax.tree.map(lambda a: a[sl], tree)  # noqa: E731
+        if self.config.scan_layers:
+            xs = (take(stacked, slice(start, stop)), residuals, take(emit_params, slice(start, stop)))
+            return jax.lax.scan(body, h, xs)
+        outs = []
+        for i in range(start, stop):
+            xs = (take(stacked, i), None if residuals is None else residuals[i - start], take(emit_params, i))
+            h, o = body(h, xs)
+            outs.append(o)
+        return h, None if fn is None else jnp.stack(outs)
 
     def _zero3(self) -> bool:
         """Whether rematerialised blocks run as ZeRO-3 under an FSDP mesh (`zero3_blocks`): `auto` is the

@@ -20,6 +20,10 @@ DTYPES = ("float32", "bfloat16", "float64")
 REMAT_POLICIES = ("none", "full", "dots")
 ZERO3_BLOCKS = ("auto", "on", "off")
 COMPUTE_FIELDS = ("dtype", "remat", "zero3_blocks", "scan_layers")  # sprintjax-only fields: how, not what, is computed
+TRANSFORMER_CLASS = "SanaTransformer2DModel"
+CONTROLNET_CLASS = "SanaControlNetModel"  # diffusers' ControlNet: no guidance embedder, QK-norm or timestep scale
+SPRINT_CONTROLNET_CLASS = "SanaSprintControlNetModel"  # one that has them (sprintjax.convert.torch_controlnet)
+_NOT_IN_CONTROLNET = {"guidance_embeds": False, "guidance_embeds_scale": 0.1, "qk_norm": None, "timestep_scale": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,23 +114,36 @@ class ModelConfig:
 
     # ---- diffusers config.json <-> ModelConfig ----
     @classmethod
-    def from_diffusers(cls, cfg: dict[str, Any], **compute) -> ModelConfig:
-        """Reads a diffusers config dict; unknown keys are an error, not silently dropped."""
-        cls_name = cfg.get("_class_name", "SanaTransformer2DModel")
-        if cls_name != "SanaTransformer2DModel":
-            raise ConfigError(f"expected a SanaTransformer2DModel config, found _class_name={cls_name!r}")
+    def from_diffusers(cls, cfg: dict[str, Any], controlnet: bool = False, **compute) -> ModelConfig:
+        """Reads a diffusers config dict (a transformer's, or a ControlNet's with `controlnet`); unknown keys
+        are an error, not silently dropped."""
+        classes = (CONTROLNET_CLASS, SPRINT_CONTROLNET_CLASS) if controlnet else (TRANSFORMER_CLASS,)
+        cls_name = cfg.get("_class_name", classes[0])
+        if cls_name not in classes:
+            raise ConfigError(f"expected a {' or '.join(classes)} config, found _class_name={cls_name!r}")
         known = {f.name for f in dataclasses.fields(cls)} - set(COMPUTE_FIELDS)
+        if cls_name == CONTROLNET_CLASS:
+            known -= set(_NOT_IN_CONTROLNET)
         fields = {k: v for k, v in cfg.items() if k not in _DIFFUSERS_META}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ConfigError(f"unknown SanaTransformer2DModel config keys: {unknown}")
+            raise ConfigError(f"unknown {cls_name} config keys: {unknown}")
         return cls(**fields, **compute)
 
-    def to_diffusers(self) -> dict[str, Any]:
+    def to_diffusers(self, controlnet: bool = False) -> dict[str, Any]:
+        """diffusers' config dict; a ControlNet's names diffusers' class unless it needs options that class
+        lacks (a guidance embedder, QK-norm: a Sprint student's), then sprintjax's PyTorch subclass."""
         d = dataclasses.asdict(self)
         for k in COMPUTE_FIELDS:
             d.pop(k)
-        return {"_class_name": "SanaTransformer2DModel", "_diffusers_version": "0.42.1", **d}
+        name = TRANSFORMER_CLASS
+        if controlnet:
+            name = CONTROLNET_CLASS
+            if any(d[k] != v for k, v in _NOT_IN_CONTROLNET.items()):
+                name = SPRINT_CONTROLNET_CLASS
+            else:
+                d = {k: v for k, v in d.items() if k not in _NOT_IN_CONTROLNET}
+        return {"_class_name": name, "_diffusers_version": "0.42.1", **d}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

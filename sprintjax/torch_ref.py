@@ -29,14 +29,42 @@ def random_diffusers_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
     return model
 
 
-def diffusers_velocity(model, x, t, caption, caption_mask=None, guidance=None) -> np.ndarray:
-    """diffusers' forward on numpy inputs (float32), returning numpy."""
+def random_diffusers_controlnet(cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
+    """A random-valued diffusers SanaControlNetModel for a ControlNet config (sprintjax.controlnet), or
+    sprintjax's SanaSprintControlNetModel where the config has a guidance embedder or QK-norm."""
+    import torch
+    from diffusers import SanaControlNetModel
+
+    config = cfg.to_diffusers(controlnet=True)
+    if config["_class_name"] == "SanaControlNetModel":
+        model_cls = SanaControlNetModel
+    else:
+        from sprintjax.convert.torch_controlnet import SanaSprintControlNetModel as model_cls
+    model = model_cls(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * scale
+            p.copy_(noise + 1.0 if "norm" in name else noise)
+    return model
+
+
+def diffusers_velocity(model, x, t, caption, caption_mask=None, guidance=None, controlnet=None, control=None,
+                       conditioning_scale=1.0) -> np.ndarray:
+    """diffusers' forward on numpy inputs (float32), returning numpy; with a ControlNet and control latents,
+    the transformer driven by its controlnet_block_samples as diffusers' SanaControlNetPipeline does."""
     import torch
 
     tt = lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
     with torch.no_grad():
+        samples = None
+        if controlnet is not None:
+            extra = {} if guidance is None else {"guidance": tt(guidance)}  # only the Sprint class takes it
+            samples = controlnet(tt(x), encoder_hidden_states=tt(caption), timestep=tt(t), controlnet_cond=tt(control),
+                                 conditioning_scale=conditioning_scale, encoder_attention_mask=tt(caption_mask),
+                                 return_dict=False, **extra)[0]
         out = model(tt(x), encoder_hidden_states=tt(caption), timestep=tt(t), guidance=tt(guidance),
-                    encoder_attention_mask=tt(caption_mask), return_dict=False)[0]
+                    encoder_attention_mask=tt(caption_mask), controlnet_block_samples=samples, return_dict=False)[0]
     return out.numpy()
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sprintjax.convert.diffusers_io import read_diffusers, write_diffusers
 from sprintjax.convert.params_ckpt import load_params, save_params
-from sprintjax.convert.table import params_to_state_dict, state_dict_to_params
+from sprintjax.convert.table import CONTROLNET_TABLE, params_to_state_dict, state_dict_to_params
 from sprintjax.model import SanaTransformer
 from sprintjax.model_config import ModelConfig
 
@@ -21,6 +21,39 @@ def params_to_diffusers(dst: str | Path, params: dict, cfg: ModelConfig, force: 
     """Writes params as a diffusers folder; checked before anything is written."""
     state = params_to_state_dict(params, cfg, SanaTransformer(cfg).param_shapes())
     write_diffusers(dst, cfg, state, force=force)
+
+
+def diffusers_to_controlnet(src: str | Path) -> tuple[dict, ModelConfig]:
+    """A diffusers SanaControlNetModel folder (or a pipeline's controlnet/) into (params, config); strict."""
+    from sprintjax.controlnet import SanaControlNet
+
+    cfg, state = read_diffusers(src, controlnet=True)
+    return state_dict_to_params(state, cfg, SanaControlNet(cfg).param_shapes(), CONTROLNET_TABLE), cfg
+
+
+def controlnet_to_diffusers(dst: str | Path, params: dict, cfg: ModelConfig, force: bool = False) -> None:
+    """Writes ControlNet params as a diffusers SanaControlNetModel folder; checked before anything is written."""
+    from sprintjax.controlnet import SanaControlNet
+
+    state = params_to_state_dict(params, cfg, SanaControlNet(cfg).param_shapes(), CONTROLNET_TABLE)
+    write_diffusers(dst, cfg, state, force=force, controlnet=True)
+
+
+def load_controlnet(path: str | Path) -> tuple[dict, ModelConfig]:
+    """ControlNet params and config from a sprintjax ControlNet checkpoint (controlnet_config.json) or a
+    diffusers ControlNet folder."""
+    from sprintjax.checks import finite_params
+    from sprintjax.errors import CheckpointError
+
+    path = Path(path)
+    if (path / "controlnet_config.json").is_file():
+        return load_params(path, controlnet=True)
+    if (path / "config.json").is_file() or (path / "model_index.json").is_file():
+        params, cfg = diffusers_to_controlnet(path)
+        finite_params(params, f"ControlNet {path}")
+        return params, cfg
+    raise CheckpointError(f"ControlNet {path}: give a sprintjax ControlNet checkpoint (controlnet_config.json + "
+                          f"params/) or a diffusers SanaControlNetModel folder (config.json + safetensors)")
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -79,6 +112,7 @@ def export_diffusers(src: str | Path, dst: str | Path, force: bool = False) -> M
 
 
 __all__ = [
-    "diffusers_to_params", "export_diffusers", "import_diffusers", "is_diffusers_folder", "load_model", "load_params",
+    "controlnet_to_diffusers", "diffusers_to_controlnet", "diffusers_to_params", "export_diffusers",
+    "load_controlnet", "import_diffusers", "is_diffusers_folder", "load_model", "load_params",
     "model_config_of", "params_to_diffusers", "save_params",
 ]

@@ -21,16 +21,17 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 
 
-def read_config(folder: Path) -> ModelConfig:
+def read_config(folder: Path, controlnet: bool = False) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder} is not a diffusers transformer folder: no config.json")
+        raise CheckpointError(f"{folder} is not a diffusers {'ControlNet' if controlnet else 'transformer'} "
+                              f"folder: no config.json")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     try:
-        return ModelConfig.from_diffusers(cfg)
+        return ModelConfig.from_diffusers(cfg, controlnet=controlnet)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -68,18 +69,22 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{folder} has neither {WEIGHTS} nor {INDEX}{hint}")
 
 
-def read_diffusers(src: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """A transformer folder, or a pipeline folder (model_index.json) through its transformer/."""
+def read_diffusers(src: str | Path, controlnet: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """A transformer (or ControlNet) folder, or a pipeline folder (model_index.json) through its
+    transformer/ (or controlnet/)."""
     folder = Path(src)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder")
-    if (folder / "model_index.json").is_file() and (folder / "transformer").is_dir():
-        folder = folder / "transformer"
-    return read_config(folder), read_state_dict(folder)
+    part = "controlnet" if controlnet else "transformer"
+    if (folder / "model_index.json").is_file() and (folder / part).is_dir():
+        folder = folder / part
+    return read_config(folder, controlnet), read_state_dict(folder)
 
 
-def write_diffusers(dst: str | Path, cfg: ModelConfig, state: dict[str, np.ndarray], force: bool = False):
+def write_diffusers(dst: str | Path, cfg: ModelConfig, state: dict[str, np.ndarray], force: bool = False,
+                    controlnet: bool = False):
     """Writes config.json + one safetensors file atomically; `from_pretrained(dst)` loads it."""
+    config = cfg.to_diffusers(controlnet=controlnet)
     with atomic_dir(dst, force=force) as tmp:
         safetensors.numpy.save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg.to_diffusers(), indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

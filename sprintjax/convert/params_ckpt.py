@@ -2,6 +2,7 @@
 
 It is what `sprintjax import-diffusers` writes and what `sample` and `export-diffusers` read. Restores are
 checked against the config's parameter shapes first, so a mismatch is one readable error listing every leaf.
+A ControlNet's checkpoint names its config `controlnet_config.json` instead, so neither kind loads as the other.
 """
 
 from __future__ import annotations
@@ -19,10 +20,22 @@ from sprintjax.model import SanaTransformer
 from sprintjax.model_config import ModelConfig
 
 CONFIG = "model_config.json"
+CONTROLNET_CONFIG = "controlnet_config.json"
 PARAMS = "params"
 
 
-def save_params(dst: str | Path, params: dict, cfg: ModelConfig, force: bool = False) -> Path:
+def _config_name(controlnet: bool) -> str:
+    return CONTROLNET_CONFIG if controlnet else CONFIG
+
+
+def _shapes(cfg: ModelConfig, controlnet: bool) -> dict:
+    from sprintjax.controlnet import SanaControlNet
+
+    return (SanaControlNet(cfg) if controlnet else SanaTransformer(cfg)).param_shapes()
+
+
+def save_params(dst: str | Path, params: dict, cfg: ModelConfig, force: bool = False,
+                controlnet: bool = False) -> Path:
     """Writes the checkpoint atomically (nothing appears at `dst` unless the whole save succeeded)."""
     dst = Path(dst).absolute()
     with atomic_dir(dst, force=force) as tmp:
@@ -30,14 +43,18 @@ def save_params(dst: str | Path, params: dict, cfg: ModelConfig, force: bool = F
         ckpt.save(tmp / PARAMS, params)
         ckpt.wait_until_finished()
         ckpt.close()
-        (tmp / CONFIG).write_text(cfg.to_json() + "\n")
+        (tmp / _config_name(controlnet)).write_text(cfg.to_json() + "\n")
     return dst
 
 
-def read_model_config(src: str | Path) -> ModelConfig:
-    path = Path(src) / CONFIG
+def read_model_config(src: str | Path, controlnet: bool = False) -> ModelConfig:
+    path = Path(src) / _config_name(controlnet)
     if not path.is_file():
-        raise CheckpointError(f"{src} is not a sprintjax params checkpoint: no {CONFIG}")
+        other = Path(src) / _config_name(not controlnet)
+        hint = f" ({other.name} found: a {'ControlNet' if not controlnet else 'transformer'} checkpoint)" \
+            if other.is_file() else ""
+        kind = "ControlNet " if controlnet else ""
+        raise CheckpointError(f"{src} is not a sprintjax {kind}params checkpoint: no {path.name}{hint}")
     try:
         return ModelConfig.from_json(path.read_text())
     except (json.JSONDecodeError, ConfigError, TypeError) as e:
@@ -50,17 +67,17 @@ def _leaves_by_path(tree) -> dict[str, tuple]:
 
 
 def load_params(src: str | Path, cfg: ModelConfig | None = None, shardings=None,
-                check_finite: bool = True) -> tuple[dict, ModelConfig]:
+                check_finite: bool = True, controlnet: bool = False) -> tuple[dict, ModelConfig]:
     """Restores params and the config; strict about names and shapes.
 
     `shardings` (a pytree of shardings like the params) restores each leaf straight onto its devices, with
     no full host copy (training on a mesh); `check_finite` scans every value (the CLI's default).
     """
     src = Path(src).absolute()
-    cfg = cfg or read_model_config(src)
+    cfg = cfg or read_model_config(src, controlnet)
     if not (src / PARAMS).is_dir():
         raise CheckpointError(f"{src} has no {PARAMS}/ folder")
-    expected = SanaTransformer(cfg).param_shapes()
+    expected = _shapes(cfg, controlnet)
     if shardings is not None:
         expected = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), expected, shardings)
     ckpt = ocp.StandardCheckpointer()

@@ -92,11 +92,19 @@ TABLE: list[Row] = [
     *_lin("proj_out", "proj_out"),
 ]
 
+# diffusers' SanaControlNetModel: the transformer's embedders and blocks (no output layer), plus its zero
+# linears. A ControlNet of a guidance-embedded or QK-normed model keeps those rows (sprintjax.controlnet).
+CONTROLNET_TABLE: list[Row] = [
+    *[r for r in TABLE if r.flax.split("/")[0] not in ("scale_shift_table", "proj_out")],
+    *_lin("input_block", "input_block"),
+    *_lin("controlnet_blocks.{i}", "controlnet_blocks"),
+]
 
-def rows_for(cfg: ModelConfig) -> list[Row]:
-    """The rows that apply to this config, with `{time}` resolved."""
+
+def rows_for(cfg: ModelConfig, table: list[Row] = TABLE) -> list[Row]:
+    """The rows of `table` that apply to this config, with `{time}` resolved."""
     out = []
-    for r in TABLE:
+    for r in table:
         if r.when(cfg):
             out.append(dataclasses.replace(r, torch=r.torch.replace("{time}", _time(cfg))))
     return out
@@ -137,10 +145,11 @@ def _report(what: str, missing, unexpected, misshaped):
         raise CheckpointError(f"{what}: {len(lines)} problem(s)\n" + "\n".join(lines))
 
 
-def state_dict_to_params(state: dict[str, np.ndarray], cfg: ModelConfig, shapes: dict) -> dict:
+def state_dict_to_params(state: dict[str, np.ndarray], cfg: ModelConfig, shapes: dict,
+                         table: list[Row] = TABLE) -> dict:
     """diffusers state dict -> sprintjax params (float32), checked against `shapes` (from param_shapes)."""
     missing, misshaped, params, seen = [], [], {}, set()
-    for row in rows_for(cfg):
+    for row in rows_for(cfg, table):
         fshape = tuple(_get(shapes, row.flax).shape)
         tshape = _torch_shape(row, fshape)
         layers = range(cfg.num_layers) if row.per_layer else [None]
@@ -161,10 +170,11 @@ def state_dict_to_params(state: dict[str, np.ndarray], cfg: ModelConfig, shapes:
     return params
 
 
-def params_to_state_dict(params: dict, cfg: ModelConfig, shapes: dict) -> dict[str, np.ndarray]:
+def params_to_state_dict(params: dict, cfg: ModelConfig, shapes: dict,
+                         table: list[Row] = TABLE) -> dict[str, np.ndarray]:
     """sprintjax params -> diffusers state dict (numpy, contiguous), checked against `shapes`."""
     missing, misshaped, state, seen = [], [], {}, set()
-    for row in rows_for(cfg):
+    for row in rows_for(cfg, table):
         seen.add(row.flax)
         want = tuple(_get(shapes, row.flax).shape)
         try:
