@@ -63,10 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, help="embedded guidance scale (students; default 4.5)")
     s.add_argument("--steps", type=int, default=1, help="number of steps (1, 2, 4, ... any N >= 1)")
     s.add_argument("--t-mid", type=float, default=1.3, help="intermediate time of the 2-step schedule")
-    s.add_argument("--noise", help=".npy [K, B, C, H, W] standard normal, one tensor per step (instead of --seed)")
+    s.add_argument("--noise", help=".npy [K, B, C, H, W] standard normal, one tensor per step run (instead of "
+                   "--seed; image-to-image runs fewer steps than --steps at low --strength)")
     s.add_argument("--seed", type=int, help="seed of the noise (default 0)")
     s.add_argument("--height", type=int, help="latent height without --noise (default: config sample_size)")
     s.add_argument("--width", type=int, help="latent width without --noise (default: config sample_size)")
+    s.add_argument("--init-latents", help="image-to-image: .npy [B, C, H, W] latents in the VAE's scale "
+                   "(SanaSprintImg2ImgPipeline semantics)")
+    s.add_argument("--strength", type=float, help="image-to-image noise strength in [0, 1] (default 0.6)")
+    s.add_argument("--controlnet", help="a ControlNet: sprintjax ControlNet checkpoint or diffusers folder")
+    s.add_argument("--control", help="the ControlNet's control latents, .npy [B, C, H, W] in the VAE's scale")
+    s.add_argument("--conditioning-scale", type=float, default=1.0, help="ControlNet residual scale")
     s.add_argument("--out", required=True, help="output .npy, latents [B, C, H, W] in the VAE's scale")
     s.set_defaults(fn=commands.cmd_sample)
 

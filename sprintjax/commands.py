@@ -83,26 +83,54 @@ def cmd_export_mobile(a):
 
 def cmd_sample(a):
     from sprintjax.checks import finite_input, finite_output
-    from sprintjax.convert import load_model, model_config_of
+    from sprintjax.controlnet import SanaControlNet, check_pair
+    from sprintjax.convert import load_controlnet, load_model, model_config_of
     from sprintjax.model import SanaTransformer
-    from sprintjax.sampling import check_inputs, sample_from_arrays
+    from sprintjax.sampling import DEFAULT_STRENGTH, check_inputs, check_latents, sample_from_arrays, sampler_times
 
     if a.noise and a.seed is not None:
         raise SprintjaxError("give either --noise or --seed, not both")
     if a.steps < 1:
         raise SprintjaxError(f"--steps must be >= 1, got {a.steps}")
+    if a.strength is not None and not a.init_latents:
+        raise SprintjaxError("--strength applies to image-to-image only: give --init-latents")
+    if bool(a.control) != bool(a.controlnet):
+        raise SprintjaxError("--control and --controlnet go together: the control latents drive the ControlNet")
     # every input is checked before the weights load
     caption = finite_input(_load_npy(a.caption_embeds, "caption embeddings"), "caption embeddings")
     mask = finite_input(_load_npy(a.caption_mask, "caption mask"), "caption mask") if a.caption_mask else None
     if mask is not None and not np.isin(mask, (0, 1)).all():
         raise SprintjaxError("caption mask must hold only 0 (padding) and 1 (token)")
     noise = finite_input(_load_npy(a.noise, "noise"), "noise", sample_axis=1) if a.noise else None
-    check_inputs(model_config_of(a.ckpt, "checkpoint"), caption, mask, noise, a.steps)
+    latents = {k: finite_input(_load_npy(f, f"{k} latents"), f"{k} latents") if f else None
+               for k, f in (("init", a.init_latents), ("control", a.control))}
+    strength = (DEFAULT_STRENGTH if a.strength is None else a.strength) if a.init_latents else None
+    try:
+        calls = int(sampler_times(a.steps, strength, a.t_mid).shape[0]) - 1
+    except ValueError as e:
+        raise SprintjaxError(str(e)) from None
+    cfg = model_config_of(a.ckpt, "checkpoint")
+    check_inputs(cfg, caption, mask, noise, calls)
+    hw = None if noise is None else noise.shape[3:]
+    for k, v in latents.items():
+        if v is not None:
+            check_latents(cfg, f"{k} latents", v, caption.shape[0], hw)
+            hw = v.shape[2:]
+    controlnet = control_params = None
+    if a.controlnet:
+        control_params, cn_cfg = load_controlnet(a.controlnet)
+        check_pair(cfg, cn_cfg)
+        controlnet = SanaControlNet(cn_cfg.replace(**cfg.compute_settings()))
     params, cfg = load_model(a.ckpt, "checkpoint")
-    print(f"sampling {caption.shape[0]} latents in {a.steps} step(s) ...", flush=True)
+    what = "image-to-image " if a.init_latents else ""
+    print(f"sampling {caption.shape[0]} latents {what}in {calls} step(s){' with a ControlNet' * bool(controlnet)}"
+          " ...", flush=True)
     out = sample_from_arrays(SanaTransformer(cfg), params, caption, mask, steps=a.steps, noise=noise,
                              seed=a.seed or 0, height=a.height, width=a.width, guidance_scale=a.guidance,
-                             t_mid=a.t_mid)
+                             t_mid=a.t_mid, init_latents=latents["init"],
+                             strength=DEFAULT_STRENGTH if strength is None else strength, controlnet=controlnet,
+                             control_params=control_params, control=latents["control"],
+                             conditioning_scale=a.conditioning_scale)
     finite_output(out, f"sampling {a.ckpt}", "The inputs were finite: the checkpoint's weights (or the guidance "
                   "scale) produce it for those captions.")
     _save_npy(a.out, out)

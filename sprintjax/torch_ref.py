@@ -69,10 +69,12 @@ def diffusers_velocity(model, x, t, caption, caption_mask=None, guidance=None, c
 
 
 def diffusers_sample(model, caption, caption_mask, noise, steps: int, guidance_scale: float = 4.5,
-                     sigma_d: float = 0.5, t_mid: float = 1.3) -> np.ndarray:
+                     sigma_d: float = 0.5, t_mid: float = 1.3, controlnet=None, control=None,
+                     conditioning_scale: float = 1.0) -> np.ndarray:
     """SanaSprintPipeline's denoising loop (TrigFlow transform + SCMScheduler times) with given noise.
 
     noise [K, B, C, H, W] as in `sprintjax sample --noise`. Returns latent output (x0 / sigma_d).
+    With a (diffusers or sprintjax PyTorch) ControlNet and control latents, its residuals drive each step.
     diffusers' scheduler rejects an intermediate time unless steps == 2 (facts §8), so it gets None then.
     """
     import torch
@@ -83,10 +85,11 @@ def diffusers_sample(model, caption, caption_mask, noise, steps: int, guidance_s
     sched = SCMScheduler(sigma_data=sigma_d, prediction_type="trigflow")
     sched.set_timesteps(steps, max_timesteps=1.57080, intermediate_timesteps=t_mid if steps == 2 else None)
     guidance = guidance_scale * model.config.guidance_embeds_scale if model.config.guidance_embeds else None
-    loop = torch_modules()[1](model, sched.timesteps.tolist(), guidance, sigma_d)  # the pipeline's loop, unrolled
+    loop = torch_modules()[1](model, sched.timesteps.tolist(), guidance, sigma_d, controlnet,
+                              conditioning_scale)  # the pipeline's loop, unrolled
     tensor = lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
     with torch.no_grad():
-        return loop(tensor(noise), tensor(caption), tensor(caption_mask)).numpy()
+        return loop(tensor(noise), tensor(caption), tensor(caption_mask), tensor(control)).numpy()
 
 
 def tiny_encoders(folder, latent_channels: int = 4, hidden: int = 16, seed: int = 0):

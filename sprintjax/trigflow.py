@@ -77,24 +77,41 @@ def schedule(steps: int, t_max: float = T_MAX, t_mid: float = T_MID) -> jax.Arra
     return jnp.linspace(t_max, 0.0, steps + 1, dtype=jnp.float32)
 
 
-def sample(F: VelocityFn, noise, times, sigma_d: float = SIGMA_D):
+def img2img_schedule(steps: int, strength: float, t_max: float = T_MAX, t_mid: float = T_MID) -> jax.Array:
+    """SanaSprintImg2ImgPipeline's times: the `steps`-step schedule with its first int(steps - steps * strength)
+    times dropped (diffusers' get_timesteps). Note diffusers' rounding: at 1 step any strength > 0 keeps t_max (the
+    image then enters with weight cos(t_max) ~ 0); at 2 steps any strength above 0.5 keeps both."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    init_time = min(steps * strength, steps)
+    t_start = int(max(steps - init_time, 0))
+    if steps - t_start < 1:
+        raise ValueError(f"strength {strength} at {steps} step(s) leaves no step to run (diffusers' "
+                         f"get_timesteps: int({steps} - {steps} x {strength}) = {t_start}); raise --strength")
+    return schedule(steps, t_max, t_mid)[t_start:]
+
+
+def sample(F: VelocityFn, noise, times, sigma_d: float = SIGMA_D, init=None):
     """The unified few-step consistency sampler (facts §8), returning x0 / sigma_d (the VAE's scale).
 
     noise: [K, B, ...] standard normal, K = len(times) - 1; noise[0] starts the chain as x = noise[0] sigma_d,
     noise[k] is the fresh noise that re-noises the k-th denoised estimate to times[k].
     Step s -> t: x0 = f(x, s) (Eq. 4); x = cos t x0 + sin t sigma_d eps. At t = 0 this is x0 itself.
+    init: image latents [B, ...] (the VAE's scale) for image-to-image: the chain starts from them noised to
+    times[0], x = sigma_d (cos t0 init + sin t0 noise[0]) (Eq. 1; SanaSprintImg2ImgPipeline.prepare_latents).
     """
     times = jnp.asarray(times, noise.dtype)
     if noise.shape[0] != times.shape[0] - 1:
         raise ValueError(f"noise has {noise.shape[0]} steps but the schedule has {times.shape[0] - 1}")
     fresh = jnp.concatenate([noise[1:], jnp.zeros_like(noise[:1])])
+    start = noise[0] if init is None else jnp.cos(times[0]) * init + jnp.sin(times[0]) * noise[0]
 
     def step(x, inp):
         s, t, eps = inp
         x0 = consistency_fn(F, x, s, sigma_d)
         return jnp.cos(t) * x0 + jnp.sin(t) * sigma_d * eps, None
 
-    x, _ = jax.lax.scan(step, noise[0] * sigma_d, (times[:-1], times[1:], fresh))
+    x, _ = jax.lax.scan(step, start * sigma_d, (times[:-1], times[1:], fresh))
     return x / sigma_d
 
 

@@ -197,3 +197,57 @@ def test_mismatched_controlnet_and_control_get_clear_errors():
         controlled_apply(model, params, cn, cn_params, x, t, y, x[:, :, :4], mask)
     with pytest.raises(ShapeError, match="ControlNet residuals must be"):
         model.apply(params, x, t, y, mask, control=jnp.zeros((2, 2, 16, 16)))
+
+
+@pytest.mark.parametrize("name", ["sprint_p2", "plain_p1"])
+def test_sample_with_a_controlnet_matches_the_pytorch_loop_at_1_2_and_4_steps(name, diffusers_models, controlnets,
+                                                                              tmp_path):
+    """`sprintjax sample --controlnet --control` against SanaSprintPipeline's loop (SCMScheduler times) on the
+    diffusers transformer driven by the PyTorch ControlNet; a student (guidance) and a teacher-like model."""
+    from sprintjax import torch_ref
+    from sprintjax.cli import main
+
+    cfg, hw, torch_model, folder = diffusers_models[name]
+    _, torch_cn, cn_folder = controlnets[name]
+    rng = np.random.default_rng(7)
+    caption = rng.standard_normal((2, 5, cfg.caption_channels)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.float32)
+    control = rng.standard_normal((2, cfg.in_channels, *hw)).astype(np.float32)
+    for k, v in {"e": caption, "m": mask, "c": control}.items():
+        np.save(tmp_path / f"{k}.npy", v)
+    guidance = ["--guidance", "4.0"] if cfg.guidance_embeds else []
+    for steps in (1, 2, 4):
+        noise = rng.standard_normal((steps, 2, cfg.in_channels, *hw)).astype(np.float32)
+        np.save(tmp_path / "n.npy", noise)
+        argv = ["sample", str(folder), "--caption-embeds", str(tmp_path / "e.npy"), "--caption-mask",
+                str(tmp_path / "m.npy"), "--steps", str(steps), "--noise", str(tmp_path / "n.npy"), "--controlnet",
+                str(cn_folder), "--control", str(tmp_path / "c.npy"), "--conditioning-scale", "0.8", *guidance,
+                "--out", str(tmp_path / "x.npy")]
+        assert main(argv) == 0
+        theirs = torch_ref.diffusers_sample(torch_model, caption, mask, noise, steps, guidance_scale=4.0,
+                                            controlnet=torch_cn, control=control, conditioning_scale=0.8)
+        assert rel_err(np.load(tmp_path / "x.npy"), theirs) < 1e-4, (name, steps)
+
+
+def test_sample_refuses_mismatched_control_inputs_before_loading(diffusers_models, controlnets, tmp_path, capsys):
+    from sprintjax.cli import main
+
+    cfg, hw, _, folder = diffusers_models["sprint_p2"]
+    np.save(tmp_path / "e.npy", np.zeros((2, 5, cfg.caption_channels), np.float32))
+    np.save(tmp_path / "c.npy", np.zeros((2, cfg.in_channels, 4, 4), np.float32))
+    np.save(tmp_path / "n.npy", np.zeros((1, 2, cfg.in_channels, *hw), np.float32))
+    base = ["sample", str(folder), "--caption-embeds", str(tmp_path / "e.npy"), "--out", str(tmp_path / "x.npy")]
+    cases = [
+        (["--control", str(tmp_path / "c.npy")], "--control and --controlnet go together"),
+        (["--strength", "0.5"], "--strength applies to image-to-image only"),
+        (["--noise", str(tmp_path / "n.npy"), "--controlnet", str(controlnets["sprint_p2"][2]), "--control",
+          str(tmp_path / "c.npy")], "control latents must be [2, 4, 8, 12]"),
+        (["--controlnet", str(controlnets["plain_p1"][2]), "--control", str(tmp_path / "c.npy")],
+         "does not fit the transformer"),
+        (["--init-latents", str(tmp_path / "c.npy"), "--strength", "0", "--steps", "4"],
+         "leaves no step to run"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err, message
+    assert not (tmp_path / "x.npy").exists()

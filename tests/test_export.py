@@ -148,3 +148,38 @@ def test_export_mobile_refuses_weights_whose_graph_overflows(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the 1-step generator with float16 weights (PyTorch): sample(s) [0] of 1 came out non-finite" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_image_to_image_matches_diffusers_img2img_pipeline(exported):
+    """`sample --init-latents --strength` against SanaSprintImg2ImgPipeline itself (its get_timesteps, its
+    noising of the VAE-encoded image, its SCMScheduler steps), the noise drawn from the pipeline's generator."""
+    import torch
+    from diffusers import SanaSprintImg2ImgPipeline, SanaSprintPipeline
+
+    from sprintjax.convert import load_model
+    from sprintjax.model import SanaTransformer
+    from sprintjax.sampling import sampler_times, sample_latents
+
+    _, root = exported
+    pipe = SanaSprintImg2ImgPipeline(**SanaSprintPipeline.from_pretrained(root / "pipe").components)
+    params, cfg = load_model(root / "pipe")
+    rng = np.random.default_rng(1)
+    caption = rng.standard_normal((2, 8, cfg.caption_channels)).astype(np.float32)
+    mask = np.ones((2, 8), np.float32)
+    mask[1, 6:] = 0
+    image = torch.from_numpy(rng.uniform(0, 1, (2, 3, 2 * H, 2 * W)).astype(np.float32))
+    with torch.no_grad():  # the image latents in the VAE's scale, as `sample --init-latents` takes them
+        init = (pipe.vae.encode(2 * image - 1).latent * pipe.vae.config.scaling_factor).numpy()
+    for steps, strength, calls in ((1, 0.6, 1), (2, 0.3, 1), (2, 0.6, 2), (4, 0.6, 3), (4, 1.0, 4)):
+        times = sampler_times(steps, strength)
+        assert times.shape[0] - 1 == calls
+        gen = torch.Generator().manual_seed(steps)
+        with torch.no_grad():
+            theirs = pipe(image=image, strength=strength, prompt_embeds=torch.from_numpy(caption),
+                          prompt_attention_mask=torch.from_numpy(mask), num_inference_steps=steps,
+                          intermediate_timesteps=1.3 if steps == 2 else None, height=2 * H, width=2 * W,
+                          use_resolution_binning=False, generator=gen, output_type="latent").images.numpy()
+        gen = torch.Generator().manual_seed(steps)  # the pipeline's draws: the start, then one per step
+        noise = np.stack([torch.randn((2, cfg.in_channels, H, W), generator=gen).numpy() for _ in range(calls)])
+        ours = np.asarray(sample_latents(SanaTransformer(cfg), params, caption, mask, noise, times, init=init))
+        assert rel_err(ours, theirs) < 1e-4, (steps, strength, rel_err(ours, theirs))

@@ -57,16 +57,19 @@ def torch_modules():
             return F.linear(x, w, self.bias) if self.conv is None else F.conv2d(x, w, self.bias, **self.conv)
 
     class Generator(nn.Module):
-        """noise [K, B, C, H, W], caption [B, L, D], caption_mask [B, L] -> latents x0 / sigma_d [B, C, H, W].
+        """noise [K, B, C, H, W], caption [B, L, D], caption_mask [B, L] (, control [B, C, H, W] with a
+        ControlNet) -> latents x0 / sigma_d [B, C, H, W].
 
-        SanaSprintPipeline's denoising loop at the given TrigFlow times (also `torch_ref.diffusers_sample`)."""
+        SanaSprintPipeline's denoising loop at the given TrigFlow times (also `torch_ref.diffusers_sample`); a
+        ControlNet's `controlnet_block_samples` drive the transformer at every step."""
 
-        def __init__(self, transformer, times, guidance: float | None, sigma_d: float = 0.5):
+        def __init__(self, transformer, times, guidance: float | None, sigma_d: float = 0.5, controlnet=None,
+                     conditioning_scale: float = 1.0):
             super().__init__()
             self.transformer, self.times, self.sigma_d = transformer, [float(t) for t in times], sigma_d
-            self.guidance = guidance
+            self.guidance, self.controlnet, self.conditioning_scale = guidance, controlnet, conditioning_scale
 
-        def forward(self, noise, caption, caption_mask):
+        def forward(self, noise, caption, caption_mask, control=None):
             b, sd = caption.shape[0], self.sigma_d
             g = None if self.guidance is None else torch.full((b,), self.guidance, dtype=torch.float32)
             x = noise[0] * sd
@@ -75,8 +78,14 @@ def torch_modules():
                 tf = math.sin(s) / (math.sin(s) + math.cos(s))  # Eq. 6
                 scale = math.sqrt(tf**2 + (1 - tf) ** 2)
                 x_fm = x / sd * scale  # Eq. 7
+                samples = None
+                if self.controlnet is not None:  # only a Sprint student's ControlNet class takes guidance
+                    extra = {} if g is None else {"guidance": g}
+                    samples = self.controlnet(x_fm, caption, torch.full((b,), tf), control, self.conditioning_scale,
+                                              caption_mask, return_dict=False, **extra)[0]
                 v = self.transformer(x_fm, encoder_hidden_states=caption, encoder_attention_mask=caption_mask,
-                                     timestep=torch.full((b,), tf), guidance=g, return_dict=False)[0]
+                                     timestep=torch.full((b,), tf), guidance=g, controlnet_block_samples=samples,
+                                     return_dict=False)[0]
                 F_out = ((1 - 2 * tf) * x_fm + (1 - 2 * tf + 2 * tf**2) * v) / scale  # Eq. 8
                 x0 = math.cos(s) * x - math.sin(s) * sd * F_out  # Eq. 4
                 x = math.cos(t) * x0 + math.sin(t) * sd * noise[k + 1] if k + 2 < len(self.times) else x0
