@@ -21,6 +21,7 @@ CORE = [
     "numpy==2.4.6",
     "protobuf==7.36.2",
     "pillow==13.0.0",
+    "scikit-image==0.26.0",  # Canny edge maps: the ControlNet's control images and its edge-agreement score
     "tqdm==4.70.1",
     "importlib-resources==7.1.0",  # tensorflow-datasets needs it and does not declare it
     "tensorflow-cpu==2.21.0",  # clu's TensorBoard writer imports TensorFlow (what TPU training images carry)

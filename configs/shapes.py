@@ -6,7 +6,12 @@ student.
     sprintjax train-teacher --config configs/shapes.py:teacher --workdir runs/shapes_ae_teacher
     sprintjax train --config configs/shapes.py --workdir runs/demo/train      (what `make demo` runs)
 Variants: (default) distillation, `teacher` (flow-matching pretraining with the dense time embedding and
-QK-norm of the paper's §3.2), `scm` / `ladd` (Table 3 ablations at the same budget)."""
+QK-norm of the paper's §3.2), `scm` / `ladd` (Table 3 ablations at the same budget), `controlnet` (a
+ControlNet on the shipped teacher, trained by flow matching on Canny edge maps, paper §3.4):
+
+    sprintjax prepare-data --shapes --vae builtin-ae --text-encoder minilm --max-length 16 --control canny \
+        --out runs/shapes_control_data
+    sprintjax train-teacher --config configs/shapes.py:controlnet --workdir runs/shapes_controlnet"""
 
 from pathlib import Path
 
@@ -23,6 +28,7 @@ TEACHER = ModelConfig(  # 0.74M parameters: a flow-matching step at batch 64 too
     scan_layers=False,
 )
 DATA = dict(dir="runs/shapes_ae_data", caption_len=16, global_batch=64)
+CONTROL_DATA = dict(DATA, dir="runs/shapes_control_data")  # the same scenes, with Canny control latents
 # The shipped teacher (a diffusers folder): see sprintjax/assets/README.md for the command and seed.
 TEACHER_WEIGHTS = str(Path(sprintjax.__file__).parent / "assets" / "shapes_teacher")
 
@@ -32,6 +38,11 @@ def get_config(arg=None):
         return run_config(TEACHER, data=DATA,
                           train=dict(stage="teacher", num_steps=7000, lr=1e-3, warmup_steps=500, ema_decay=0.999,
                                      log_every=100, ckpt_every=500, keep=2, sample_every=2500, num_samples=16))
+    if arg == "controlnet":  # 2 of the teacher's 4 blocks copied (diffusers' default: 7 of 28), resumable
+        return run_config(TEACHER, data=CONTROL_DATA, control=dict(num_layers=2),
+                          train=dict(stage="controlnet", teacher_checkpoint=TEACHER_WEIGHTS, num_steps=6000, lr=5e-4,
+                                     warmup_steps=200, ema_decay=0.999, log_every=100, ckpt_every=250, keep=2,
+                                     sample_every=1000, num_samples=16))
     c = run_config(
         TEACHER, data=DATA,
         # lr_d 1e-3 (10x lr_g): with the student frozen, fresh heads reach a real/fake separation of 0.95 pooled
@@ -48,5 +59,5 @@ def get_config(arg=None):
     elif arg == "ladd":
         c.distill.use_scm = False
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of shapes.py (teacher, scm, ladd)")
+        raise ValueError(f"unknown variant {arg!r} of shapes.py (teacher, controlnet, scm, ladd)")
     return c

@@ -149,8 +149,8 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
     """(params, model config, step) from a training workdir's checkpoint (the latest sealed one by default).
 
     part: "student" (a distillation run: the student's SANA params, without the logvar head), "ema" (its EMA)
-    or "params" (a teacher-stage run: its EMA weights if it kept them). The model config comes from the run's
-    config.json.
+    or "params" (a teacher-stage run: its EMA weights if it kept them; a controlnet-stage run: its ControlNet's,
+    with the ControlNet's config). The model config comes from the run's config.json.
     """
     import ml_collections
 
@@ -180,4 +180,9 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
         return tree[part]["net"], rc.model.replace(guidance_embeds=True), step
     if "params" not in tree:
         raise CheckpointError(f"{workdir} is not a teacher-stage run (no params in its state)")
-    return tree.get("ema") or tree["params"], rc.model, step  # the EMA weights when the run kept them
+    cfg = rc.model
+    if rc.train.stage == "controlnet":
+        from sprintjax.controlnet import controlnet_config
+
+        cfg = controlnet_config(rc.model, rc.control.num_layers)
+    return tree.get("ema") or tree["params"], cfg, step  # the EMA weights when the run kept them

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--instruction-file", help="text prepended to every caption (SANA's complex human instruction)")
     s.add_argument("--split", default="train", help="split name of --images / --captions-jsonl pairs")
+    s.add_argument("--control", help="ControlNet data: `canny` (edge maps of the images) or a folder of control "
+                   "images named like the images (HED, depth); stored as latents of the same VAE")
     s.set_defaults(fn=commands.cmd_prepare_data)
 
     s = sub.add_parser("eval", help="benchmark a teacher and/or student on the shapes validation prompts")

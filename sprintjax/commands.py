@@ -3,6 +3,7 @@ raise SprintjaxError, which the command line prints as one message."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -236,8 +237,9 @@ def cmd_prepare_data(a):
     instruction = Path(a.instruction_file).read_text() if a.instruction_file else ""
     print(", ".join(f"{k}: {len(v)} pairs" for k, v in splits.items()) + f" -> {a.out}", flush=True)
     folder = prepare(splits, a.out, a.vae, a.text_encoder, a.resolution, a.max_length, a.batch_size, instruction,
-                     source=source)
-    print(f"wrote training records {folder} (with null_caption.safetensors)")
+                     source=source, control=a.control)
+    extra = f", control latents from {a.control}" if a.control else ""
+    print(f"wrote training records {folder} (with null_caption.safetensors{extra})")
 
 
 def cmd_eval(a):
@@ -261,15 +263,19 @@ def cmd_train_teacher(a, overrides):
     from pathlib import Path
 
     from sprintjax.checkpoints import trained_params
-    from sprintjax.convert import params_to_diffusers, save_params
+    from sprintjax.convert import controlnet_to_diffusers, params_to_diffusers, save_params
 
     cmd_train(a, overrides)
     params, cfg, step = trained_params(a.workdir, "params")
     cfg = cfg.replace(dtype="float32", remat="none")
-    out = Path(a.export or Path(a.workdir) / "teacher")
-    save_params(out, params, cfg, force=True)
-    params_to_diffusers(out.with_name(out.name + "_diffusers"), params, cfg, force=True)
-    print(f"exported the teacher at step {step}: {out} (params) and {out}_diffusers (diffusers)")
+    controlnet = json.loads((Path(a.workdir) / "config.json").read_text())["train"]["stage"] == "controlnet"
+    what = "controlnet" if controlnet else "teacher"
+    out = Path(a.export or Path(a.workdir) / what)
+    save_params(out, params, cfg, force=True, controlnet=controlnet)
+    (controlnet_to_diffusers if controlnet else params_to_diffusers)(out.with_name(out.name + "_diffusers"), params,
+                                                                     cfg, force=True)
+    print(f"exported the {'ControlNet' if controlnet else 'teacher'} at step {step}: {out} (params) and "
+          f"{out}_diffusers (diffusers)")
 
 
 def cmd_demo(a, overrides):

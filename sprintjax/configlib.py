@@ -31,7 +31,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    stage: str = "distill"  # distill (sCM + LADD) | teacher (flow-matching teacher adaptation, paper §3.2)
+    # distill (sCM + LADD) | teacher (flow-matching teacher adaptation, paper §3.2) | controlnet (a ControlNet
+    # trained by flow matching on the frozen teacher_checkpoint, paper §3.4; control section)
+    stage: str = "distill"
     seed: int = 0
     num_steps: int = 100  # iterations = batches; G and D alternate 1:1 when distilling
     teacher_checkpoint: str = ""  # params checkpoint or diffusers folder; "" = random teacher (smoke runs only)
@@ -49,6 +51,15 @@ class TrainConfig:
     lr: float = 2e-5  # teacher stage only (distillation lrs live in the distill section)
     warmup_steps: int = 0  # teacher stage only
     ema_decay: float = 0.0  # teacher stage only: EMA of the weights (exported when on), 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlConfig:
+    """ControlNet (paper §3.4, App. F.3): the copied blocks, the residual scale, the ControlNet teacher."""
+
+    num_layers: int = 0  # blocks copied into the ControlNet; 0: no ControlNet (diffusers' default 7 of 28)
+    conditioning_scale: float = 1.0  # the residuals' scale in training and in the sample grids
+    teacher_checkpoint: str = ""  # distillation with control: the trained ControlNet of the teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +81,7 @@ class RunConfig:
     train: TrainConfig
     sharding: ShardingConfig
     mesh: dict
+    control: ControlConfig = ControlConfig()
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -174,7 +186,7 @@ def _typed(cls, section, name):
 
 def resolve(cfg: ml_collections.ConfigDict) -> RunConfig:
     """Typed view of a run config; every unknown key, at any level, is a ConfigError."""
-    known = {"model", "distill", "data", "train", "sharding", "mesh"}
+    known = {"model", "distill", "data", "train", "sharding", "mesh", "control"}
     unknown = sorted(set(cfg.keys()) - known)
     if unknown:
         raise ConfigError(f"unknown config sections: {unknown}")
@@ -182,12 +194,21 @@ def resolve(cfg: ml_collections.ConfigDict) -> RunConfig:
     if not mesh or not all(isinstance(v, int) for v in mesh.values()):
         raise ConfigError(f"mesh must map axis names to sizes, got {mesh}")
     train = _typed(TrainConfig, cfg.get("train"), "train")
-    if train.stage not in ("distill", "teacher"):
-        raise ConfigError(f"train.stage must be 'distill' or 'teacher', got {train.stage!r}")
-    return RunConfig(model=_typed(ModelConfig, cfg.model, "model"),
-                     distill=_typed(DistillConfig, cfg.get("distill"), "distill"),
+    if train.stage not in ("distill", "teacher", "controlnet"):
+        raise ConfigError(f"train.stage must be 'distill', 'teacher' or 'controlnet', got {train.stage!r}")
+    control = _typed(ControlConfig, cfg.get("control"), "control")
+    if train.stage == "controlnet" and control.num_layers < 1:
+        raise ConfigError("train.stage 'controlnet' trains a ControlNet: set control.num_layers >= 1 (its blocks)")
+    if train.stage == "teacher" and control.num_layers:
+        raise ConfigError("control.num_layers is set but train.stage is 'teacher': use stage 'controlnet'")
+    model = _typed(ModelConfig, cfg.model, "model")
+    if control.num_layers:
+        from sprintjax.controlnet import controlnet_config
+
+        controlnet_config(model, control.num_layers)  # fits the model (1 <= n < its depth)
+    return RunConfig(model=model, distill=_typed(DistillConfig, cfg.get("distill"), "distill"),
                      data=_typed(DataConfig, cfg.get("data"), "data"), train=train,
-                     sharding=_typed(ShardingConfig, cfg.get("sharding"), "sharding"), mesh=mesh)
+                     sharding=_typed(ShardingConfig, cfg.get("sharding"), "sharding"), mesh=mesh, control=control)
 
 
 def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
@@ -205,10 +226,11 @@ def section(obj, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(d)
 
 
-def run_config(model: ModelConfig, *, distill=None, data=None, train=None, sharding=None, mesh=None):
+def run_config(model: ModelConfig, *, distill=None, data=None, train=None, sharding=None, mesh=None, control=None):
     """The ConfigDict skeleton every configs/*.py file starts from."""
     c = ml_collections.ConfigDict()
     c.model = section(model)
+    c.control = section(ControlConfig(), **(control or {}))
     c.distill = section(DistillConfig(), **(distill or {}))
     c.data = section(DataConfig(), **(data or {}))
     c.train = section(TrainConfig(), **(train or {}))

@@ -4,6 +4,10 @@ QK-norm added) and teacher pretraining. A pure, jitted `teacher_step(state, batc
 x_t = (1 - t) x0 + t eps, target velocity eps - x0, t = sigmoid(n), n ~ N(0, 1) (SANA's logit-normal time);
 the model sees t in [0, 1] (c_noise = t). Captions are replaced by the null caption with probability
 `cond_drop` so that the teacher also learns the unconditional branch its classifier-free guidance needs.
+
+With a ControlNet (stage `controlnet`, paper §3.4: "continuing the training of a pre-trained text-to-image
+model with a diffusion objective" on control data) the same loss trains only the ControlNet, initialised
+as a copy of the frozen teacher's first blocks (sprintjax.controlnet), the teacher held in `state.teacher`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sprintjax.controlnet import SanaControlNet, controlled_apply, controlnet_config
 from sprintjax.distill import apply_if_finite
 from sprintjax.model import SanaTransformer
 from sprintjax.sharding import block_specs
@@ -24,11 +29,12 @@ from sprintjax.sharding import block_specs
 
 class TeacherState(flax.struct.PyTreeNode):
     step: jax.Array
-    params: Any
+    params: Any  # the trained params: the teacher's, or its ControlNet's
     opt: Any
     ema: Any  # exponential moving average of params (what is exported), or None
     skipped: jax.Array
     null_caption: jax.Array  # [L, C_text]
+    teacher: Any = None  # the frozen teacher a ControlNet is trained on (not checkpointed), or None
 
 
 def adapt_params(src_params, dst: SanaTransformer, rng):
@@ -49,7 +55,9 @@ def make_teacher_optimizer(lr: float, warmup: int, clip: float = 1.0) -> optax.G
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=0.999, weight_decay=0.0))
 
 
-def flow_loss(model: SanaTransformer, params, batch, rng, null_caption, cond_drop: float):
+def flow_loss(model: SanaTransformer, params, batch, rng, null_caption, cond_drop: float, control=None):
+    """Flow-matching loss of `params`; control = (SanaControlNet, frozen teacher params, conditioning scale):
+    `params` are then the ControlNet's, fed batch["control"]."""
     x0 = batch["latents"].astype(jnp.float32)
     b = x0.shape[0]
     k_t, k_e, k_d = jax.random.split(rng, 3)
@@ -59,7 +67,12 @@ def flow_loss(model: SanaTransformer, params, batch, rng, null_caption, cond_dro
     x_t = (1 - tb) * x0 + tb * eps
     drop = jax.random.uniform(k_d, (b,)) < cond_drop
     caption = jnp.where(drop[:, None, None], null_caption[None].astype(jnp.float32), batch["caption"])
-    v = model.apply(params, x_t, t, caption, batch["caption_mask"])
+    if control is None:
+        v = model.apply(params, x_t, t, caption, batch["caption_mask"])
+    else:
+        controlnet, teacher, scale = control
+        v = controlled_apply(model, teacher, controlnet, params, x_t, t, caption, batch["control"],
+                             batch["caption_mask"], conditioning_scale=scale)
     loss = jnp.mean(jnp.square(v - (eps - x0)))
     return loss, {"flow_loss": loss}
 
@@ -67,26 +80,40 @@ def flow_loss(model: SanaTransformer, params, batch, rng, null_caption, cond_dro
 class TeacherTrainer:
     """Static description of teacher training; `step` is the pure function the trainer jits."""
 
-    def __init__(self, model_cfg, lr: float, warmup: int, cond_drop: float = 0.1, ema_decay: float = 0.0):
+    def __init__(self, model_cfg, lr: float, warmup: int, cond_drop: float = 0.1, ema_decay: float = 0.0,
+                 control_layers: int = 0, conditioning_scale: float = 1.0):
         self.model = SanaTransformer(model_cfg)
+        self.controlnet = SanaControlNet(controlnet_config(model_cfg, control_layers)) if control_layers else None
         self.tx = make_teacher_optimizer(lr, warmup)
-        self.cond_drop, self.ema_decay = cond_drop, ema_decay
+        self.cond_drop, self.ema_decay, self.conditioning_scale = cond_drop, ema_decay, conditioning_scale
 
     def laid_out(self, state_sh) -> TeacherTrainer:
-        """A copy whose model knows its blocks' shardings (ZeRO-3 rematerialised blocks, model.py)."""
+        """A copy whose models know their blocks' shardings (ZeRO-3 rematerialised blocks, model.py)."""
         new = copy.copy(self)
-        new.model = dataclasses.replace(self.model, block_specs=block_specs(state_sh.params["transformer_blocks"]))
+        specs = block_specs(state_sh.params["transformer_blocks"])
+        if self.controlnet is None:
+            new.model = dataclasses.replace(self.model, block_specs=specs)
+        else:
+            new.controlnet = dataclasses.replace(self.controlnet, block_specs=specs)
+            new.model = dataclasses.replace(self.model,
+                                            block_specs=block_specs(state_sh.teacher["transformer_blocks"]))
         return new
 
     def init(self, params, null_caption) -> TeacherState:
+        teacher = None
+        if self.controlnet is not None:  # the official init: a copy of the teacher's embedders and first blocks
+            teacher, params = params, self.controlnet.from_transformer(params)
         params = jax.tree.map(jnp.array, params)
         return TeacherState(step=jnp.zeros([], jnp.int32), params=params, opt=self.tx.init(params),
                             ema=jax.tree.map(jnp.array, params) if self.ema_decay else None,
-                            skipped=jnp.zeros([], jnp.int32), null_caption=jnp.array(null_caption, jnp.float32))
+                            skipped=jnp.zeros([], jnp.int32), null_caption=jnp.array(null_caption, jnp.float32),
+                            teacher=teacher)
 
     def step(self, state: TeacherState, batch, rng):
+        control = None if self.controlnet is None else (self.controlnet, state.teacher, self.conditioning_scale)
         grad_fn = jax.value_and_grad(flow_loss, argnums=1, has_aux=True)
-        (_, metrics), grads = grad_fn(self.model, state.params, batch, rng, state.null_caption, self.cond_drop)
+        (_, metrics), grads = grad_fn(self.model, state.params, batch, rng, state.null_caption, self.cond_drop,
+                                      control)
         params, opt, ok, gnorm = apply_if_finite(self.tx, grads, state.opt, state.params)
         ema = state.ema
         if self.ema_decay:

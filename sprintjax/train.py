@@ -72,11 +72,19 @@ def _check_inputs(rc: RunConfig, mesh) -> None:
         if src != rc.model and (rc.train.stage != "teacher" or is_diffusers_folder(rc.train.teacher_checkpoint)):
             raise CheckpointError(f"teacher {rc.train.teacher_checkpoint} does not match config.model:\n{src}\n"
                                   f"vs\n{rc.model}")
+    if rc.train.stage == "controlnet" and not rc.train.teacher_checkpoint:
+        raise ConfigError("train.stage 'controlnet' trains a ControlNet on a trained teacher: set "
+                          "train.teacher_checkpoint")
     if rc.data.dir:
-        pipeline.open_split(rc.data.dir, rc.data.split)
+        source = pipeline.open_split(rc.data.dir, rc.data.split)
         pipeline.load_null_caption(rc.data.dir)
+        if rc.control.num_layers and "control" not in source[0]:
+            raise ConfigError(f"{rc.data.dir} has no control latents (a ControlNet trains on them): prepare it "
+                              f"with `sprintjax prepare-data ... --control canny` or a folder of control images")
     elif not rc.data.synthetic:
         raise ConfigError("data.dir is empty and data.synthetic is 0: there is nothing to train on")
+    elif rc.control.num_layers:
+        raise ConfigError("a ControlNet trains on control latents: synthetic data has none (set data.dir)")
 
 
 def _teacher_params(rc: RunConfig, mesh, key):
@@ -99,8 +107,9 @@ def _teacher_params(rc: RunConfig, mesh, key):
     return jax.jit(lambda p, k: adapt_params(p, model, k), out_shardings=shardings)(src, key), shardings
 
 
-def _sampler(rc: RunConfig, runner, captions, masks):
-    """A jitted function state -> latents [N, C, H, W] from fixed captions and noise (for sample grids)."""
+def _sampler(rc: RunConfig, runner, captions, masks, controls=None):
+    """A jitted function state -> latents [N, C, H, W] from fixed captions (and controls) and noise (for
+    sample grids)."""
     m = rc.model
     noise = jax.random.normal(jax.random.key(rc.train.seed + 7), (2, len(captions), m.in_channels, m.sample_size,
                                                                    m.sample_size))
@@ -111,6 +120,16 @@ def _sampler(rc: RunConfig, runner, captions, masks):
             w = jnp.full((len(captions),), rc.distill.cfg_scales[len(rc.distill.cfg_scales) // 2])
             F = student_fn(runner.student, state.student, captions, masks, w)
             return trigflow.sample(lambda x, t: F(x, t)[0], noise[:1], trigflow.schedule(1), rc.distill.sigma_d)
+    elif rc.train.stage == "controlnet":
+        from sprintjax.controlnet import controlled_apply
+
+        def run(state):
+            params = state.ema if state.ema is not None else state.params
+
+            def v(x, t):
+                return controlled_apply(runner.model, state.teacher, runner.controlnet, params, x, t, captions,
+                                        controls, masks, conditioning_scale=rc.control.conditioning_scale)
+            return trigflow.euler_flow(v, noise[0], 20)
     else:
         def run(state):
             v = lambda x, t: runner.model.apply(state.params, x, t, captions, masks)  # noqa: E731
@@ -127,11 +146,13 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
         runner = Distiller(rc.model, rc.distill)
         init = runner.init
     else:
-        runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps, ema_decay=rc.train.ema_decay)
+        runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps, ema_decay=rc.train.ema_decay,
+                                control_layers=rc.control.num_layers,
+                                conditioning_scale=rc.control.conditioning_scale)
         init = lambda tp, null, _: runner.init(tp, null)  # noqa: E731
     abstract = jax.eval_shape(init, teacher_params, null_caption, jax.random.key(0))
     state_sh = tree_shardings(abstract, mesh, rc.sharding.rules, rc.sharding.min_fsdp_size)
-    if rc.train.stage == "distill":
+    if rc.train.stage in ("distill", "controlnet"):
         state_sh = state_sh.replace(teacher=teacher_sh)
     runner = runner.laid_out(state_sh)  # rematerialised blocks run as ZeRO-3 over this layout
     if rc.train.stage == "distill":
@@ -248,8 +269,9 @@ def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
     if rc.train.sample_every:
         source = pipeline.open_split(data_dir, rc.data.split)
         examples = [source[i] for i in range(rc.train.num_samples)]
-        sampler = _sampler(rc, runner, jnp.asarray(np.stack([e["caption"] for e in examples]), jnp.float32),
-                           jnp.asarray(np.stack([e["caption_mask"] for e in examples]), jnp.float32))
+        stacked = lambda k: jnp.asarray(np.stack([e[k] for e in examples]), jnp.float32)  # noqa: E731
+        sampler = _sampler(rc, runner, stacked("caption"), stacked("caption_mask"),
+                           stacked("control") if rc.control.num_layers else None)
     diag = _diagnostics(rc, runner, peek) if rc.train.diag_every and rc.train.stage == "distill" else None
     if jax.process_index() == 0:
         atomic_write_bytes(workdir / "config.json", config.to_json(indent=2, sort_keys=True).encode())

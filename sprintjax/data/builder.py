@@ -1,7 +1,8 @@
 """The TFDS builder of sprintjax training records: precomputed latents, caption embeddings and masks.
 
 The VAE and the text encoder run offline (the paper's setting), so a record is
-{"latents": [C, H, W] float32 (VAE scale), "caption": [L, C_text] float32, "caption_mask": [L] int32}.
+{"latents": [C, H, W] float32 (VAE scale), "caption": [L, C_text] float32, "caption_mask": [L] int32}, plus
+"control": [C, H, W] float32 (a control image's latents) in ControlNet data.
 Records are written as ArrayRecord and read back with `tfds.builder_from_directory(...).as_data_source`,
 which needs neither TensorFlow nor this class. The null-caption embedding is stored beside the records
 (`null_caption.safetensors`), since the teacher's CFG needs it.
@@ -35,6 +36,8 @@ class LatentTextRecords(tfds.core.GeneratorBasedBuilder):
                 "latents": tfds.features.Tensor(shape=s["latents"], dtype=np.float32),
                 "caption": tfds.features.Tensor(shape=s["caption"], dtype=np.float32),
                 "caption_mask": tfds.features.Tensor(shape=s["caption_mask"], dtype=np.int32),
+                **({"control": tfds.features.Tensor(shape=s["control"], dtype=np.float32)} if "control" in s
+                   else {}),
             }))
 
     def _split_generators(self, dl_manager):

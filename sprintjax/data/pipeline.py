@@ -89,8 +89,11 @@ class ProcessBlocks(grain.MapDataset):
 
 
 def _as_batch(ex: dict) -> dict:
-    return {"latents": ex["latents"].astype(np.float32), "caption": ex["caption"].astype(np.float32),
-            "caption_mask": ex["caption_mask"].astype(np.float32)}
+    batch = {"latents": ex["latents"].astype(np.float32), "caption": ex["caption"].astype(np.float32),
+             "caption_mask": ex["caption_mask"].astype(np.float32)}
+    if "control" in ex:  # ControlNet records
+        batch["control"] = ex["control"].astype(np.float32)
+    return batch
 
 
 def train_iterator(data_dir, split: str, global_batch: int, seed: int, process_index: int = 0,
