@@ -11,7 +11,9 @@ ControlNet on the shipped teacher, trained by flow matching on Canny edge maps, 
 
     sprintjax prepare-data --shapes --vae builtin-ae --text-encoder minilm --max-length 16 --control canny \
         --out runs/shapes_control_data
-    sprintjax train-teacher --config configs/shapes.py:controlnet --workdir runs/shapes_controlnet"""
+    sprintjax train-teacher --config configs/shapes.py:controlnet --workdir runs/shapes_controlnet
+and `controlnet_distill` (teacher + the shipped ControlNet teacher distilled into a student + ControlNet by
+sCM + LADD, controls on both sides; what benchmarks/controlnet.py trains and measures)."""
 
 from pathlib import Path
 
@@ -31,6 +33,8 @@ DATA = dict(dir="runs/shapes_ae_data", caption_len=16, global_batch=64)
 CONTROL_DATA = dict(DATA, dir="runs/shapes_control_data")  # the same scenes, with Canny control latents
 # The shipped teacher (a diffusers folder): see sprintjax/assets/README.md for the command and seed.
 TEACHER_WEIGHTS = str(Path(sprintjax.__file__).parent / "assets" / "shapes_teacher")
+# Its ControlNet (a diffusers SanaControlNetModel folder), trained by the `controlnet` variant: assets/README.md.
+CONTROLNET_WEIGHTS = str(Path(sprintjax.__file__).parent / "assets" / "shapes_controlnet")
 
 
 def get_config(arg=None):
@@ -54,10 +58,13 @@ def get_config(arg=None):
         train=dict(num_steps=240, teacher_checkpoint=TEACHER_WEIGHTS, log_every=20, ckpt_every=80, keep=2,
                    sample_every=80, num_samples=16),
     )
-    if arg == "scm":
+    if arg == "controlnet_distill":
+        c.data.dir = CONTROL_DATA["dir"]
+        c.control.num_layers, c.control.teacher_checkpoint = 2, CONTROLNET_WEIGHTS
+    elif arg == "scm":
         c.distill.use_ladd = False
     elif arg == "ladd":
         c.distill.use_scm = False
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of shapes.py (teacher, controlnet, scm, ladd)")
+        raise ValueError(f"unknown variant {arg!r} of shapes.py (teacher, controlnet, controlnet_distill, scm, ladd)")
     return c

@@ -29,7 +29,6 @@ from sprintjax.configlib import RunConfig, resolve
 from sprintjax.errors import ConfigError
 from sprintjax.fileio import atomic_write_bytes
 from sprintjax.hlo import by_kind, by_scope, collectives, op_costs, roofline, wire_bytes
-from sprintjax.model import SanaTransformer
 from sprintjax.sharding import batch_sharding, data_parallel_size, make_mesh, tree_shardings
 
 # Peak dense bf16 FLOP/s, HBM bytes and HBM bandwidth (bytes/s) per chip (Cloud TPU product pages).
@@ -64,7 +63,7 @@ def _abstract(tree, shardings):
 def compile_steps(config, topology: str, hlo_dir: str | None = None) -> dict:
     """{step name: {memory and cost figures per device}} for each training step of the config's stage;
     with `hlo_dir`, each compiled program's HLO text is also written there as `STEP.hlo.txt`."""
-    from sprintjax.train import compiled_step, plan
+    from sprintjax.train import compiled_step, plan, teacher_shapes
 
     rc: RunConfig = resolve(config)
     mesh = make_mesh(rc.mesh, topology_devices(topology), rc.sharding.fsdp_group)
@@ -73,11 +72,11 @@ def compile_steps(config, topology: str, hlo_dir: str | None = None) -> dict:
         raise ConfigError(f"global batch {gb} does not divide over the {dp} data-parallel devices of mesh "
                           f"{dict(mesh.shape)}")
     m = rc.model
-    teacher_shapes = SanaTransformer(m).param_shapes()
-    teacher_sh = tree_shardings(teacher_shapes, mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
+    frozen = teacher_shapes(rc)
+    teacher_sh = tree_shardings(frozen, mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
     rep = NamedSharding(mesh, PartitionSpec())
     null = jax.ShapeDtypeStruct((rc.data.caption_len, m.caption_channels), jnp.float32, sharding=rep)
-    teacher = _abstract(teacher_shapes, teacher_sh)
+    teacher = _abstract(frozen, teacher_sh)
     p = plan(rc, mesh, teacher, null, teacher_sh)
     bsh = batch_sharding(mesh)
     batch = {"latents": jax.ShapeDtypeStruct((gb, m.in_channels, m.sample_size, m.sample_size), jnp.float32,
@@ -85,6 +84,8 @@ def compile_steps(config, topology: str, hlo_dir: str | None = None) -> dict:
              "caption": jax.ShapeDtypeStruct((gb, rc.data.caption_len, m.caption_channels), jnp.float32,
                                              sharding=bsh),
              "caption_mask": jax.ShapeDtypeStruct((gb, rc.data.caption_len), jnp.float32, sharding=bsh)}
+    if rc.control.num_layers:  # a ControlNet's control latents
+        batch["control"] = batch["latents"]
     state = _abstract(p.abstract, p.state_sh)
     it = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     names = [n for n in p.steps if n != "train"] or ["train"]

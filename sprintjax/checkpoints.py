@@ -148,7 +148,8 @@ class Checkpoints:
 def trained_params(workdir: str | Path, part: str = "student", step: int | None = None):
     """(params, model config, step) from a training workdir's checkpoint (the latest sealed one by default).
 
-    part: "student" (a distillation run: the student's SANA params, without the logvar head), "ema" (its EMA)
+    part: "student" (a distillation run: the student's SANA params, without the logvar head), "ema" (its EMA),
+    "student_control" / "ema_control" (a controlled distillation run: the student's ControlNet, or its EMA)
     or "params" (a teacher-stage run: its EMA weights if it kept them; a controlnet-stage run: its ControlNet's,
     with the ControlNet's config). The model config comes from the run's config.json.
     """
@@ -172,12 +173,20 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
     ckpt = ocp.StandardCheckpointer()
     tree = ckpt.restore((step_dir / "state").absolute())
     ckpt.close()
-    if part in ("student", "ema"):
+    if part in ("student", "ema", "student_control", "ema_control"):
+        which, _, control = part.partition("_")
         if "student" not in tree:
             raise CheckpointError(f"{workdir} is not a distillation run (no student in its state)")
-        if part == "ema" and not tree.get("ema"):
+        if which == "ema" and not tree.get("ema"):
             raise CheckpointError(f"{workdir} kept no EMA of the student (distill.ema_decay unset)")
-        return tree[part]["net"], rc.model.replace(guidance_embeds=True), step
+        student_cfg = rc.model.replace(guidance_embeds=True)
+        if not control:
+            return tree[which]["net"], student_cfg, step
+        if "control" not in tree[which]:
+            raise CheckpointError(f"{workdir} distilled no ControlNet (control.num_layers unset)")
+        from sprintjax.controlnet import controlnet_config
+
+        return tree[which]["control"], controlnet_config(student_cfg, rc.control.num_layers), step
     if "params" not in tree:
         raise CheckpointError(f"{workdir} is not a teacher-stage run (no params in its state)")
     cfg = rc.model

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated Euler step counts on the teacher's TrigFlow PF-ODE (Prop. 3.1; Table 1)")
     s.add_argument("--student", help="student params checkpoint")
     s.add_argument("--student-steps", default="1,2,4", help="comma-separated few-step sampler step counts")
+    s.add_argument("--teacher-controlnet", help="the teacher's ControlNet (records with control latents): adds "
+                   "the edge-agreement score")
+    s.add_argument("--student-controlnet", help="the student's ControlNet")
     s.add_argument("--num", type=int, default=500, help="validation prompts")
     s.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
     s.add_argument("--out", required=True, help="folder for results.json, results.md, grid.png")

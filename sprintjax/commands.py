@@ -253,7 +253,8 @@ def cmd_eval(a):
     steps = {"teacher": ints(a.teacher_steps, a.teacher),
              "teacher_trigflow": ints(a.teacher_trigflow_steps, a.teacher),
              "student": ints(a.student_steps, a.student)}
-    evaluate.run_benchmark(a.data, Path(a.out), {"teacher": a.teacher, "student": a.student}, steps, a.num, a.seed)
+    evaluate.run_benchmark(a.data, Path(a.out), {"teacher": a.teacher, "student": a.student}, steps, a.num, a.seed,
+                           {"teacher": a.teacher_controlnet, "student": a.student_controlnet})
     print((Path(a.out) / "results.md").read_text())
     print(f"wrote {a.out}/results.json, results.md, grid.png")
 

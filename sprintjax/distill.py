@@ -1,7 +1,10 @@
 """The SANA-Sprint training steps: `generator_step` (sCM + LADD generator loss, paper Eq. 9 + 11) and
 `discriminator_step` (hinge loss of the heads, Eq. 12), pure functions of (state, batch, rng).
 
-A batch is {"latents": [B, C, H, W] in the VAE's scale, "caption": [B, L, C_text], "caption_mask": [B, L]}.
+A batch is {"latents": [B, C, H, W] in the VAE's scale, "caption": [B, L, C_text], "caption_mask": [B, L]}
+(+ "control": [B, C, H, W] control latents when distilling a ControlNet teacher: teacher and student are then
+each driven by a ControlNet, the teacher's frozen in `state.teacher["control"]`, the student's trained in
+`state.student["control"]`; paper §3.4).
 The steps alternate 1:1 on consecutive batches (the trainer's loop). `state.step` counts applied G and D
 iterations (the official global step): it drives the tangent warmup; each optimiser's own count drives its
 learning-rate schedule. A step whose gradient norm is non-finite changes nothing but its skip counter.
@@ -23,6 +26,7 @@ import optax
 
 from sprintjax import ladd, scm, trigflow
 from sprintjax.came import scale_by_came
+from sprintjax.controlnet import SanaControlNet, controlnet_config
 from sprintjax.distill_config import DistillConfig
 from sprintjax.model import SanaTransformer
 from sprintjax.model_config import ModelConfig
@@ -32,7 +36,7 @@ from sprintjax.sharding import block_specs
 class DistillState(flax.struct.PyTreeNode):
     step: jax.Array  # applied G + D iterations
     phase: jax.Array  # 0: the next iteration is a generator step, 1: a discriminator step
-    student: Any  # {"net": SANA params with guidance embedder, "logvar": head}
+    student: Any  # {"net": SANA params with guidance embedder, "logvar": head (, "control": its ControlNet)}
     g_opt: Any
     heads: Any  # discriminator heads (trained)
     heads_state: Any  # spectral-norm vectors and batch-norm running statistics
@@ -40,7 +44,7 @@ class DistillState(flax.struct.PyTreeNode):
     ema: Any  # EMA of the student params, or None
     g_skipped: jax.Array
     d_skipped: jax.Array
-    teacher: Any  # frozen teacher params (CFG teacher and discriminator trunk)
+    teacher: Any  # frozen teacher params (CFG teacher and discriminator trunk); {"net", "control"} with control
     null_caption: jax.Array  # [L, C_text] unconditional embedding stored with the teacher
 
 
@@ -76,28 +80,59 @@ def apply_if_finite(tx, grads, opt_state, params):
 class Distiller:
     """Static description of a distillation run: models, config, optimisers. Holds no arrays."""
 
-    def __init__(self, teacher_cfg: ModelConfig, cfg: DistillConfig, model_cls=SanaTransformer):
+    def __init__(self, teacher_cfg: ModelConfig, cfg: DistillConfig, model_cls=SanaTransformer,
+                 control_layers: int = 0, conditioning_scale: float = 1.0):
         """model_cls: the transformer class of teacher and student (a subclass can pose a counterfactual
-        architecture, e.g. notebooks/jvp_stability.ipynb's c_noise = 1000 t time embedding)."""
+        architecture, e.g. notebooks/jvp_stability.ipynb's c_noise = 1000 t time embedding);
+        control_layers: the depth of the teacher's ControlNet (0: text-to-image distillation)."""
         self.cfg = cfg
         self.teacher = model_cls(teacher_cfg)
         self.student = model_cls(teacher_cfg.replace(guidance_embeds=True))
         self.blocks = cfg.disc_blocks(teacher_cfg.num_layers)
+        self.control_teacher = self.control_student = None
+        self.conditioning_scale = conditioning_scale
+        if control_layers:
+            self.control_teacher = SanaControlNet(controlnet_config(teacher_cfg, control_layers))
+            self.control_student = SanaControlNet(controlnet_config(self.student.config, control_layers))
 
     def laid_out(self, state_sh) -> Distiller:
         """A copy whose models know their blocks' shardings (ZeRO-3 rematerialised blocks, model.py)."""
         new = copy.copy(self)
-        new.student = dataclasses.replace(self.student, block_specs=block_specs(
-            state_sh.student["net"]["transformer_blocks"]))
-        new.teacher = dataclasses.replace(self.teacher, block_specs=block_specs(
-            state_sh.teacher["transformer_blocks"]))
+        specs = lambda tree: block_specs(tree["transformer_blocks"])  # noqa: E731
+        new.student = dataclasses.replace(self.student, block_specs=specs(state_sh.student["net"]))
+        new.teacher = dataclasses.replace(self.teacher, block_specs=specs(self._net(state_sh.teacher)))
+        if self.control_teacher is not None:
+            new.control_teacher = dataclasses.replace(self.control_teacher,
+                                                      block_specs=specs(state_sh.teacher["control"]))
+            new.control_student = dataclasses.replace(self.control_student,
+                                                      block_specs=specs(state_sh.student["control"]))
         return new
+
+    # ------------------------------------------------------------ ControlNets
+    def _net(self, teacher):
+        """The teacher transformer's params (the whole `teacher` unless it carries a ControlNet)."""
+        return teacher if self.control_teacher is None else teacher["net"]
+
+    def _teacher_control(self, teacher, batch, repeat: int = 1):
+        if self.control_teacher is None:
+            return None
+        latents = jnp.concatenate([batch["control"]] * repeat) if repeat > 1 else batch["control"]
+        return self.control_teacher, teacher["control"], latents, self.conditioning_scale
+
+    def _student_control(self, batch):
+        return None if self.control_student is None else (self.control_student, batch["control"],
+                                                          self.conditioning_scale)
 
     # ------------------------------------------------------------ init
     def init(self, teacher_params, null_caption, rng) -> DistillState:
         cfg = self.cfg
         k_s, k_h = jax.random.split(rng)
-        _, student = scm.init_student(self.teacher.config, teacher_params, k_s)
+        _, student = scm.init_student(self.teacher.config, self._net(teacher_params), k_s)
+        if self.control_student is not None:  # the teacher's ControlNet + the student's guidance embedder
+            control = jax.tree.map(jnp.array, teacher_params["control"])
+            control["time_embed"] = dict(control["time_embed"],
+                                         guidance_embedder=student["net"]["time_embed"]["guidance_embedder"])
+            student["control"] = control
         heads, heads_state = ladd.init_heads(k_h, self.teacher.config, self.blocks, cfg.disc_kernel)
         g_tx, d_tx = self.optimizers(student, heads)
         return DistillState(
@@ -162,24 +197,28 @@ class Distiller:
         w = rv["w"]
         total, metrics = 0.0, {}
         teacher_params = jax.lax.stop_gradient(state.teacher)
+        t_control, s_control = self._teacher_control(teacher_params, batch), self._student_control(batch)
         if cfg.use_scm:
             t = rv["t"]
             x_t = self._mix(x0, rv["z"], t)
             with jax.named_scope("teacher_cfg"):
-                dxt_dt = jax.lax.stop_gradient(scm.teacher_dxt_dt(self.teacher, teacher_params, state.null_caption,
-                                                                  x_t, t, y, mask, w, sd))
+                dxt_dt = jax.lax.stop_gradient(scm.teacher_dxt_dt(
+                    self.teacher, self._net(teacher_params), state.null_caption, x_t, t, y, mask, w, sd, t_control))
             r = jnp.minimum(1.0, (state.step + 1) / cfg.tangent_warmup_steps)  # tangent warmup
             with jax.named_scope("student_scm"):
-                loss, metrics = scm.scm_loss(self.student, student_params, x_t, t, dxt_dt, y, mask, w, r, cfg)
+                loss, metrics = scm.scm_loss(self.student, student_params, x_t, t, dxt_dt, y, mask, w, r, cfg,
+                                             s_control)
             total = total + cfg.scm_weight * loss
             metrics["tangent_warmup"] = r
         if cfg.use_ladd:
             t2, t_d = rv["t2"], rv["t_d"]
             with jax.named_scope("student_ladd"):
-                x0_hat = scm.denoise(self.student, student_params, self._mix(x0, rv["z2"], t2), t2, y, mask, w, sd)
+                x0_hat = scm.denoise(self.student, student_params, self._mix(x0, rv["z2"], t2), t2, y, mask, w, sd,
+                                     s_control)
             with jax.named_scope("teacher_features"):
-                feats = ladd.teacher_features(self.teacher, teacher_params, self._mix(x0_hat, rv["z_d"], t_d) / sd,
-                                              t_d, y, mask, self.blocks)
+                feats = ladd.teacher_features(self.teacher, self._net(teacher_params),
+                                              self._mix(x0_hat, rv["z_d"], t_d) / sd, t_d, y, mask, self.blocks,
+                                              t_control)
             with jax.named_scope("heads"):
                 logits, _ = ladd.heads_logits(jax.lax.stop_gradient(state.heads), state.heads_state, feats,
                                               self.blocks, virtual_batch=cfg.disc_virtual_batch)
@@ -213,21 +252,24 @@ class Distiller:
         t_g = self._student_time(k_t, b)
         with jax.named_scope("student_fake"):
             fake = jax.lax.stop_gradient(scm.denoise(self.student, state.student, self._noise(k_z, x0, t_g), t_g,
-                                                     y, mask, w, sd))
+                                                     y, mask, w, sd, self._student_control(batch)))
         t_fake = self._d_time(k_tf, b)
         t_real = self._d_time(k_tr, b) if cfg.independent_d_times else t_fake
         fakes, t_fakes, y_f, mask_f = self._noise(k_zf, fake, t_fake), t_fake, y, mask
-        if cfg.misaligned_pairs and b > 1:  # real latents rolled by one, captions not: wrong pairs are fakes
+        repeat = 1
+        if cfg.misaligned_pairs and b > 1:  # real latents rolled by one, captions (and controls) not: fakes
             t_s = self._d_time(k_ts, b)
             shifted = self._noise(k_zs, jnp.roll(x0, 1, axis=0), t_s)
             fakes, t_fakes = jnp.concatenate([fakes, shifted]), jnp.concatenate([t_fake, t_s])
-            y_f, mask_f = jnp.concatenate([y, y]), jnp.concatenate([mask, mask])
+            y_f, mask_f, repeat = jnp.concatenate([y, y]), jnp.concatenate([mask, mask]), 2
         teacher_params = jax.lax.stop_gradient(state.teacher)
-        feats = functools.partial(ladd.teacher_features, self.teacher, teacher_params, blocks=self.blocks)
+        feats = functools.partial(ladd.teacher_features, self.teacher, self._net(teacher_params), blocks=self.blocks)
         with jax.named_scope("teacher_features_fake"):
-            f_fake = jax.lax.stop_gradient(feats(fakes / sd, t_fakes, y_f, mask_f))
+            f_fake = jax.lax.stop_gradient(feats(fakes / sd, t_fakes, y_f, mask_f,
+                                                 control=self._teacher_control(teacher_params, batch, repeat)))
         with jax.named_scope("teacher_features_real"):
-            f_real = jax.lax.stop_gradient(feats(self._noise(k_zr, x0, t_real) / sd, t_real, y, mask))
+            f_real = jax.lax.stop_gradient(feats(self._noise(k_zr, x0, t_real) / sd, t_real, y, mask,
+                                                 control=self._teacher_control(teacher_params, batch)))
         heads = functools.partial(ladd.heads_logits, blocks=self.blocks, virtual_batch=cfg.disc_virtual_batch,
                                   update=True)
 

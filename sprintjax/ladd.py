@@ -115,11 +115,17 @@ def init_heads(rng, teacher_cfg, blocks, kernel: int = 9):
     return {n: p for n, (p, _) in pairs.items()}, {n: s for n, (_, s) in pairs.items()}
 
 
-def teacher_features(teacher: SanaTransformer, params, x_hat, t, caption, mask, blocks):
-    """Tokens after the chosen teacher blocks, on the TrigFlow-transformed input (Prop. 3.1, Eq. 6-7)."""
+def teacher_features(teacher: SanaTransformer, params, x_hat, t, caption, mask, blocks, control=None):
+    """Tokens after the chosen teacher blocks, on the TrigFlow-transformed input (Prop. 3.1, Eq. 6-7).
+    control: (teacher ControlNet, its params, control latents, scale): the controlled teacher's features."""
     tf = trigflow.t_fm_of(t)
     scale = jnp.sqrt(tf**2 + (1 - tf) ** 2)[:, None, None, None]
-    _, aux = teacher.forward(params, x_hat * scale, tf, caption, mask, features_after=blocks, features_only=True)
+    x_fm, residuals = x_hat * scale, None
+    if control is not None:
+        controlnet, control_params, latents, cscale = control
+        residuals = controlnet.apply(control_params, x_fm, tf, caption, latents, mask, None, cscale)
+    _, aux = teacher.forward(params, x_fm, tf, caption, mask, features_after=blocks, features_only=True,
+                             control=residuals)
     return aux["features"]
 
 

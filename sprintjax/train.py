@@ -5,6 +5,7 @@ several processes (`jax.distributed`) and on a pod; rerunning the command on the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -19,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sprintjax import trigflow
 from sprintjax.checkpoints import Checkpoints
-from sprintjax.configlib import RunConfig, resolve
+from sprintjax.configlib import ControlConfig, RunConfig, resolve
 from sprintjax.convert import is_diffusers_folder
 from sprintjax.convert.params_ckpt import load_params
 from sprintjax.data import pipeline
@@ -72,6 +73,20 @@ def _check_inputs(rc: RunConfig, mesh) -> None:
         if src != rc.model and (rc.train.stage != "teacher" or is_diffusers_folder(rc.train.teacher_checkpoint)):
             raise CheckpointError(f"teacher {rc.train.teacher_checkpoint} does not match config.model:\n{src}\n"
                                   f"vs\n{rc.model}")
+    if rc.train.stage == "distill" and rc.control.num_layers:
+        from sprintjax.controlnet import check_pair
+        from sprintjax.convert import load_controlnet
+
+        if not rc.control.teacher_checkpoint:
+            raise ConfigError("distilling with control.num_layers set needs the teacher's ControlNet: set "
+                              "control.teacher_checkpoint (a `train-teacher` controlnet-stage export)")
+        if rc.train.diag_every:
+            raise ConfigError("train.diag_every: the JVP diagnostics do not take a ControlNet yet; set it to 0")
+        _, cn_cfg = load_controlnet(rc.control.teacher_checkpoint)
+        check_pair(rc.model, cn_cfg)
+        if cn_cfg.num_layers != rc.control.num_layers:
+            raise ConfigError(f"control.teacher_checkpoint has {cn_cfg.num_layers} blocks, control.num_layers says "
+                              f"{rc.control.num_layers}")
     if rc.train.stage == "controlnet" and not rc.train.teacher_checkpoint:
         raise ConfigError("train.stage 'controlnet' trains a ControlNet on a trained teacher: set "
                           "train.teacher_checkpoint")
@@ -87,9 +102,28 @@ def _check_inputs(rc: RunConfig, mesh) -> None:
         raise ConfigError("a ControlNet trains on control latents: synthetic data has none (set data.dir)")
 
 
+def teacher_shapes(rc: RunConfig) -> dict:
+    """The abstract params of what a stage holds frozen (or adapts): the teacher transformer, and when
+    distilling with control {"net": the transformer, "control": its ControlNet}."""
+    shapes = SanaTransformer(rc.model).param_shapes()
+    if rc.train.stage == "distill" and rc.control.num_layers:
+        from sprintjax.controlnet import SanaControlNet, controlnet_config
+
+        cn = SanaControlNet(controlnet_config(rc.model, rc.control.num_layers))
+        return {"net": shapes, "control": cn.param_shapes()}
+    return shapes
+
+
 def _teacher_params(rc: RunConfig, mesh, key):
-    """The frozen teacher (distillation) or the model to adapt (teacher stage), placed by its shardings;
-    the checkpoint's kind and architecture were checked by _check_inputs."""
+    """The frozen teacher (distillation, with its ControlNet when controlled) or the model to adapt (teacher
+    stage), placed by its shardings; the checkpoints' kind and architecture were checked by _check_inputs."""
+    if rc.train.stage == "distill" and rc.control.num_layers:
+        from sprintjax.convert import load_controlnet
+
+        shardings = tree_shardings(teacher_shapes(rc), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
+        net = _teacher_params(dataclasses.replace(rc, control=ControlConfig()), mesh, key)[0]
+        control = jax.device_put(load_controlnet(rc.control.teacher_checkpoint)[0], shardings["control"])
+        return {"net": net, "control": control}, shardings
     model = SanaTransformer(rc.model)
     shardings = tree_shardings(model.param_shapes(), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
     if not rc.train.teacher_checkpoint:
@@ -118,7 +152,8 @@ def _sampler(rc: RunConfig, runner, captions, masks, controls=None):
 
         def run(state):
             w = jnp.full((len(captions),), rc.distill.cfg_scales[len(rc.distill.cfg_scales) // 2])
-            F = student_fn(runner.student, state.student, captions, masks, w)
+            F = student_fn(runner.student, state.student, captions, masks, w,
+                           runner._student_control({"control": controls}))
             return trigflow.sample(lambda x, t: F(x, t)[0], noise[:1], trigflow.schedule(1), rc.distill.sigma_d)
     elif rc.train.stage == "controlnet":
         from sprintjax.controlnet import controlled_apply
@@ -143,7 +178,8 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
     Works on concrete or abstract (ShapeDtypeStruct) teacher params, so `sprintjax compile` shares it.
     """
     if rc.train.stage == "distill":
-        runner = Distiller(rc.model, rc.distill)
+        runner = Distiller(rc.model, rc.distill, control_layers=rc.control.num_layers,
+                           conditioning_scale=rc.control.conditioning_scale)
         init = runner.init
     else:
         runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps, ema_decay=rc.train.ema_decay,
