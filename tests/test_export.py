@@ -158,7 +158,7 @@ def test_image_to_image_matches_diffusers_img2img_pipeline(exported):
 
     from sprintjax.convert import load_model
     from sprintjax.model import SanaTransformer
-    from sprintjax.sampling import sampler_times, sample_latents
+    from sprintjax.sampling import sample_latents, sampler_times
 
     _, root = exported
     pipe = SanaSprintImg2ImgPipeline(**SanaSprintPipeline.from_pretrained(root / "pipe").components)
