@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default="float32,float16,int8", help="comma-separated: float32, float16, int8")
     s.add_argument("--formats", default="pte,onnx", help="comma-separated: pte, onnx")
     s.add_argument("--no-verify", action="store_true", help="skip running each artifact against sprintjax")
+    s.add_argument("--control", action="store_true", help="the controlled generator of a ControlNet-distilled run "
+                   "(control latents as a fourth input)")
     s.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     s.set_defaults(fn=commands.cmd_export_mobile)
 

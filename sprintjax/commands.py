@@ -73,11 +73,14 @@ def cmd_export_mobile(a):
 
     _refuse_existing(a.out, a.force)
     source = read_source(a.src, a.part, a.step)
-    print(f"read {source.description}", flush=True)
+    if a.control and source.controlnet is None:
+        raise SprintjaxError(f"--control: {a.src} holds no ControlNet (give a run distilled with control.num_layers)")
+    print(f"read {source.description}{' and its ControlNet' if a.control else ''}", flush=True)
     csv = lambda text: [x for x in text.split(",") if x]  # noqa: E731
     report = export_mobile(source.params, source.cfg, a.out, [int(k) for k in csv(a.steps)], a.batch, a.height,
                            a.width, a.caption_len, a.guidance, csv(a.weights), csv(a.formats),
-                           verify=not a.no_verify, force=a.force, log=lambda m: print(m, flush=True))
+                           verify=not a.no_verify, force=a.force, log=lambda m: print(m, flush=True),
+                           controlnet=source.controlnet if a.control else None)
     print(format_report(report))
     print(f"wrote {a.out} (export.json lists the inputs, outputs and figures)")
 

@@ -159,6 +159,50 @@ def test_controlnet_stage_then_controlled_distillation_then_eval(control_data, t
     with pytest.raises(Exception, match="no model to drive"):
         evaluate.run_benchmark(data, out, {"teacher": teacher}, {"teacher": [1]}, 4,
                                controlnets={"student": str(tmp_path / "student_cn")})
+    _check_serving(distil, tmp_path)
+
+
+def _check_serving(run, tmp_path):
+    """export-diffusers writes the student's ControlNet beside its transformer, and SanaSprintPipeline's loop on
+    the exported PyTorch transformer + ControlNet samples as sprintjax does at 1, 2 and 4 steps; export-mobile
+    --control runs in ExecuTorch and onnxruntime like sprintjax's sampler."""
+    from diffusers import SanaTransformer2DModel
+
+    from sprintjax import torch_ref, trigflow
+    from sprintjax.cli import main
+    from sprintjax.controlnet import SanaControlNet
+    from sprintjax.convert import load_controlnet, load_model
+    from sprintjax.convert.torch_controlnet import SanaSprintControlNetModel
+    from sprintjax.model import SanaTransformer
+    from sprintjax.sampling import sample_latents
+
+    assert main(["export-diffusers", str(run), str(tmp_path / "pipe")]) == 0
+    transformer = SanaTransformer2DModel.from_pretrained(tmp_path / "pipe" / "transformer")
+    controlnet, info = SanaSprintControlNetModel.from_pretrained(tmp_path / "pipe" / "controlnet",
+                                                                 output_loading_info=True)
+    assert not any(info.values()), info
+    params, cfg = load_model(tmp_path / "pipe")
+    cn_params, cn_cfg = load_controlnet(tmp_path / "pipe")  # the pipeline folder's controlnet/
+    rng = np.random.default_rng(0)
+    caption = rng.standard_normal((2, 16, cfg.caption_channels)).astype(np.float32)
+    mask = np.ones((2, 16), np.float32)
+    mask[1, 9:] = 0
+    control = rng.standard_normal((2, cfg.in_channels, 8, 8)).astype(np.float32)
+    noise = rng.standard_normal((4, 2, cfg.in_channels, 8, 8)).astype(np.float32)
+    for steps in (1, 2, 4):
+        ours = np.asarray(sample_latents(SanaTransformer(cfg), params, caption, mask, noise[:steps],
+                                         trigflow.schedule(steps), controlnet=SanaControlNet(cn_cfg),
+                                         control_params=cn_params, control=control))
+        theirs = torch_ref.diffusers_sample(transformer, caption, mask, noise[:steps], steps, controlnet=controlnet,
+                                            control=control)
+        err = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+        assert err < 1e-4, (steps, err)
+    assert main(["export-mobile", str(run), str(tmp_path / "mobile"), "--control", "--weights", "float32",
+                 "--caption-len", "16"]) == 0
+    report = json.loads((tmp_path / "mobile" / "export.json").read_text())
+    assert sorted(report["artifacts"]) == ["sana_sprint_control_1step_float32.onnx",
+                                           "sana_sprint_control_1step_float32.pte"]
+    assert all(a["rel_err_vs_sprintjax"] < 1e-4 for a in report["artifacts"].values()), report["artifacts"]
 
 
 def test_control_configs_are_checked_before_the_workdir_exists(control_data, tmp_path):

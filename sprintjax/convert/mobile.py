@@ -94,8 +94,29 @@ def torch_modules():
     return WeightOnly, Generator
 
 
-def torch_generator(params, cfg, steps: int, guidance: float = 4.5, weights: str = "float32"):
-    """The eager PyTorch generator module for sprintjax params."""
+def torch_controlnet(params, cfg):
+    """The eager PyTorch ControlNet for sprintjax ControlNet params: diffusers' SanaControlNetModel, or
+    sprintjax's SanaSprintControlNetModel when the config needs a guidance embedder or QK-norm."""
+    import torch
+
+    from sprintjax.controlnet import SanaControlNet
+    from sprintjax.convert.table import CONTROLNET_TABLE, params_to_state_dict
+
+    cfg = cfg.replace(dtype="float32", remat="none")
+    config = cfg.to_diffusers(controlnet=True)
+    if config["_class_name"] == "SanaControlNetModel":
+        from diffusers import SanaControlNetModel as model_cls
+    else:
+        from sprintjax.convert.torch_controlnet import SanaSprintControlNetModel as model_cls
+    state = params_to_state_dict(params, cfg, SanaControlNet(cfg).param_shapes(), CONTROLNET_TABLE)
+    model = model_cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def torch_generator(params, cfg, steps: int, guidance: float = 4.5, weights: str = "float32", controlnet=None):
+    """The eager PyTorch generator module for sprintjax params (and a ControlNet's (params, config): the
+    module then takes the control latents as a fourth input)."""
     import torch
     from diffusers import SanaTransformer2DModel
 
@@ -110,11 +131,14 @@ def torch_generator(params, cfg, steps: int, guidance: float = 4.5, weights: str
     model = SanaTransformer2DModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     model.eval()
+    cn = None if controlnet is None else torch_controlnet(*controlnet)
     WeightOnly, Generator = torch_modules()
     if weights != "float32":
-        _replace_layers(model, lambda layer: WeightOnly(layer, weights))
+        for m in (model, cn):
+            if m is not None:
+                _replace_layers(m, lambda layer: WeightOnly(layer, weights))
     g = guidance * cfg.guidance_embeds_scale if cfg.guidance_embeds else None
-    return Generator(model, np.asarray(trigflow.schedule(steps)), g).eval()
+    return Generator(model, np.asarray(trigflow.schedule(steps)), g, controlnet=cn).eval()
 
 
 def _replace_layers(module, make) -> None:
@@ -127,13 +151,17 @@ def _replace_layers(module, make) -> None:
             _replace_layers(child, make)
 
 
-def example_inputs(cfg, steps: int, batch: int, height: int, width: int, caption_len: int, seed: int = 0):
-    """Fixed random inputs (numpy float32): noise, caption embeddings, mask with a padded second caption."""
+def example_inputs(cfg, steps: int, batch: int, height: int, width: int, caption_len: int, seed: int = 0,
+                   control: bool = False):
+    """Fixed random inputs (numpy float32): noise, caption embeddings, mask with a padded second caption (and
+    control latents)."""
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal((steps, batch, cfg.in_channels, height, width)).astype(np.float32)
     caption = rng.standard_normal((batch, caption_len, cfg.caption_channels)).astype(np.float32)
     mask = np.ones((batch, caption_len), np.float32)
     mask[1:, caption_len // 2:] = 0
+    if control:
+        return noise, caption, mask, rng.standard_normal((batch, cfg.in_channels, height, width)).astype(np.float32)
     return noise, caption, mask
 
 
@@ -147,8 +175,9 @@ def _write_onnx(program, args, path: Path) -> None:
     import onnx
     import torch
 
-    onnx_program = torch.onnx.export(program, args, dynamo=True, optimize=False,
-                                     input_names=["noise", "caption", "caption_mask"], output_names=["latents"])
+    names = ["noise", "caption", "caption_mask", "control"][:len(args)]
+    onnx_program = torch.onnx.export(program, args, dynamo=True, optimize=False, input_names=names,
+                                     output_names=["latents"])
     model = onnx_program.model_proto
     for node in model.graph.node:
         del node.metadata_props[:]
@@ -187,9 +216,11 @@ def _timed(fn, inputs, repeats: int = 3) -> float:
 
 def export_mobile(params, cfg, out: str | Path, steps=(1,), batch: int = 1, height: int | None = None,
                   width: int | None = None, caption_len: int = 300, guidance: float = 4.5,
-                  weights=WEIGHTS, formats=FORMATS, verify: bool = True, force: bool = False, log=print) -> dict:
+                  weights=WEIGHTS, formats=FORMATS, verify: bool = True, force: bool = False, log=print,
+                  controlnet=None) -> dict:
     """Exports every (steps, weights, format) artifact into `out` (atomically) and, with verify, runs each in
-    its runtime on fixed inputs against sprintjax's own sampler. Returns (and writes as export.json) the figures."""
+    its runtime on fixed inputs against sprintjax's own sampler. Returns (and writes as export.json) the figures.
+    controlnet: a ControlNet's (params, config): the controlled generator, control latents a fourth input."""
     from sprintjax import trigflow
     from sprintjax.model import SanaTransformer
     from sprintjax.sampling import sample_latents
@@ -203,29 +234,37 @@ def export_mobile(params, cfg, out: str | Path, steps=(1,), batch: int = 1, heig
         raise SprintjaxError(f"unknown weights/format/steps {bad}: weights are {WEIGHTS}, formats {FORMATS}")
     report = {"batch": batch, "latent": [cfg.in_channels, height, width],
               "caption": [caption_len, cfg.caption_channels], "guidance": guidance if cfg.guidance_embeds else None,
-              "inputs": ["noise [K, B, C, H, W]", "caption [B, L, D]", "caption_mask [B, L]"],
+              "inputs": ["noise [K, B, C, H, W]", "caption [B, L, D]", "caption_mask [B, L]",
+                         *(["control [B, C, H, W] (control latents, the VAE's scale)"] if controlnet else [])],
               "output": "latents x0 / sigma_d [B, C, H, W] (divide by the VAE's scaling factor to decode)",
               "artifacts": {}}
     with atomic_dir(out, force=force) as tmp:
         for k in steps:
-            inputs = example_inputs(cfg, k, batch, height, width, caption_len)
+            inputs = example_inputs(cfg, k, batch, height, width, caption_len, control=controlnet is not None)
+            cn = {}
+            if controlnet is not None:
+                from sprintjax.controlnet import SanaControlNet
+
+                cn = dict(controlnet=SanaControlNet(controlnet[1].replace(dtype="float32", remat="none")),
+                          control_params=controlnet[0], control=inputs[3])
             reference = np.asarray(sample_latents(
                 SanaTransformer(cfg.replace(dtype="float32")), params, inputs[1], inputs[2], inputs[0],
-                trigflow.schedule(k), guidance if cfg.guidance_embeds else None)) if verify else None
+                trigflow.schedule(k), guidance if cfg.guidance_embeds else None, **cn)) if verify else None
             if reference is not None:
                 finite_output(reference, f"sprintjax's {k}-step sampler on the export's example inputs", FINITE_IN)
             for w in weights:
                 report["artifacts"].update(_export_one(params, cfg, tmp, k, w, formats, guidance, inputs, reference,
-                                                       log))
+                                                       log, controlnet))
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _export_one(params, cfg, folder: Path, steps: int, weights: str, formats, guidance, inputs, reference, log):
+def _export_one(params, cfg, folder: Path, steps: int, weights: str, formats, guidance, inputs, reference, log,
+                controlnet=None):
     """One generator (step count, weight format) exported once, lowered to each format, checked."""
     import torch
 
-    module = torch_generator(params, cfg, steps, guidance, weights)
+    module = torch_generator(params, cfg, steps, guidance, weights, controlnet)
     args = tuple(torch.from_numpy(a) for a in inputs)
     with torch.no_grad():
         eager = module(*args).numpy()
@@ -234,7 +273,7 @@ def _export_one(params, cfg, folder: Path, steps: int, weights: str, formats, gu
         program = torch.export.export(module, args)
     out = {}
     for fmt in formats:
-        name = f"sana_sprint_{steps}step_{weights}.{fmt}"
+        name = f"sana_sprint{'_control' if controlnet else ''}_{steps}step_{weights}.{fmt}"
         log(f"  lowering to {name} ...")
         if fmt == "pte":
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

@@ -5,6 +5,9 @@ params checkpoint, or a diffusers transformer / pipeline folder. The output hold
 (SCMScheduler: trigflow, sigma_data 0.5, facts §8), `model_index.json`, a model-card `README.md`, and the VAE,
 text encoder and tokenizer copied from local folders the user names (none is downloaded). Without them those
 components are null in `model_index.json` and `from_pretrained` wants them passed (`vae=...`, or None).
+A controlled distillation run also writes its student's ControlNet as `controlnet/` (a SanaControlNetModel
+folder, or sprintjax's SanaSprintControlNetModel for a Sprint student's: sprintjax.convert.torch_controlnet),
+beside the transformer; diffusers' SanaSprintPipeline ignores it, `sprintjax sample --controlnet` reads it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Source:
     description: str  # what was read, for the model card and the log
     run: dict | None = None  # the training run's resolved config (a workdir source), else None
     step: int | None = None
+    controlnet: tuple | None = None  # (params, ControlNet config) of a controlled distillation run's student
 
 
 def is_workdir(path: Path) -> bool:
@@ -79,7 +83,10 @@ def _read_source(src: str | Path, part: str, step: int | None) -> Source:
         if part == "auto":
             part = "ema" if (run.get("distill") or {}).get("ema_decay") else "student"
         params, cfg, got = trained_params(src, part, step)
-        return Source(params, cfg, f"{part} of distillation run {src.name}, step {got}", run, got)
+        controlnet = None
+        if (run.get("control") or {}).get("num_layers"):
+            controlnet = trained_params(src, f"{part}_control", got)[:2]
+        return Source(params, cfg, f"{part} of distillation run {src.name}, step {got}", run, got, controlnet)
     if part == "ema" and not run["train"].get("ema_decay"):
         raise CheckpointError(f"teacher-stage run {src} kept no EMA (train.ema_decay = 0)")
     if part == "student":
@@ -137,6 +144,13 @@ def model_card(source: Source, components: dict, guidance: float) -> str:
               "".join(f", {k}=YOUR_{k.upper()}" for k in missing) + ")", "```"]
     if missing:
         lines += ["", f"Not included (pass your own): {', '.join(missing)}."]
+    if source.controlnet is not None:
+        n = source.controlnet[1].num_layers
+        lines += ["", f"`controlnet/` holds the student's ControlNet ({n} blocks; control latents: the VAE's latents "
+                  "of a Canny edge image, times its scaling factor). SanaSprintPipeline does not take a ControlNet: "
+                  "load it with `sprintjax.convert.torch_controlnet.SanaSprintControlNetModel.from_pretrained("
+                  "FOLDER + '/controlnet')` and pass its `controlnet_block_samples` to the transformer at every "
+                  "step, or run `sprintjax sample FOLDER --controlnet FOLDER/controlnet --control C.npy`."]
     return "\n".join(lines) + "\n"
 
 
@@ -151,9 +165,20 @@ def write_pipeline(dst: str | Path, source: Source, vae=None, text_encoder=None,
 
     cfg = source.cfg.replace(dtype="float32", remat="none")
     state = params_to_state_dict(source.params, cfg, SanaTransformer(cfg).param_shapes())  # checked first
+    control = None
+    if source.controlnet is not None:
+        from sprintjax.controlnet import SanaControlNet
+        from sprintjax.convert.table import CONTROLNET_TABLE
+
+        cn_params, cn_cfg = source.controlnet
+        cn_cfg = cn_cfg.replace(dtype="float32", remat="none")
+        control = (cn_cfg, params_to_state_dict(cn_params, cn_cfg, SanaControlNet(cn_cfg).param_shapes(),
+                                                 CONTROLNET_TABLE))
     given = check_components(vae, text_encoder, tokenizer)
     with atomic_dir(dst, force=force) as tmp:
         write_diffusers(tmp / "transformer", cfg, state)
+        if control is not None:
+            write_diffusers(tmp / "controlnet", *control, controlnet=True)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
             {**SCHEDULER, "_diffusers_version": diffusers.__version__}, indent=2) + "\n")
