@@ -107,6 +107,8 @@ def write_summary(out: Path, summ: dict) -> str:
 def main(argv=None) -> None:
     import platform
 
+    import jax
+
     from sprintjax import evaluate
     from sprintjax.configlib import load_config
 
@@ -127,8 +129,12 @@ def main(argv=None) -> None:
         {"teacher": shipped.control.teacher_checkpoint, "student": str(student_cn)})
     print((args.out / "results.md").read_text(), flush=True)
     timing = latency_ratio(student, student_cn, args.data, args.repeats)
-    timing["cpu"] = platform.processor() or platform.machine()
-    timing["threads"] = os.cpu_count()
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.is_file() else []
+    timing["cpu"] = models[0] if models else platform.processor() or platform.machine()
+    timing["cpu_threads"] = os.cpu_count()
+    timing["jax_devices"] = len(jax.devices())
     print(write_summary(args.out, summary(results, timing)), flush=True)
 
 

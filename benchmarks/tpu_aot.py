@@ -4,7 +4,8 @@
 
 Runs `sprintjax compile` for the official 1024px recipes (32x32 latents, 300 caption tokens, global batch 512) of
 the 0.6B and 1.6B presets on v5p and v6e topologies of 32 and 64 chips, and for before/after variants (remat
-`full` instead of `dots`, a replicated teacher, the two-pass sCM form, HSDP, ZeRO-3 blocks with `dots`). Each run
+`full` instead of `dots`, a replicated teacher, the two-pass sCM form, HSDP, ZeRO-3 blocks with `dots`, a
+ControlNet on teacher and student). Each run
 is a subprocess that writes its JSON report and the compiled HLO texts (NAME/STEP.hlo.txt; resumable: finished
 runs are kept); the script then prints one markdown table of per-device memory, model FLOPs, the whole step's
 HBM bytes and roofline time (loop trip counts applied), the MFU bound and collective bytes against the FSDP
@@ -43,6 +44,8 @@ VARIANTS = [  # before/after figures of the remat policy, the mesh, ZeRO-3, wher
     ("600m", "v5p", 32, {"model.zero3_blocks": "off"}),  # the partitioner's FSDP (the 32-chip default until stop 31)
     *[("600m", chip, 64, {"distill.jvp_dtype": "bfloat16"}) for chip in ("v5p", "v6e")],  # the bf16 sCM path
     ("600m", "v5p", 64, {"mesh.data": 1}),  # FSDP over all 64 (the default before the mesh picked itself)
+    # ControlNet Sprint: a 7-block ControlNet (diffusers' default) on teacher and student (docs/controlnet.md)
+    *[("600m", chip, 64, {"control.num_layers": 7}) for chip in ("v5p", "v6e")],
 ]
 SHORT = {REPLICATED_TEACHER: "replicated"}  # run names for override values that are not plain words
 

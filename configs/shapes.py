@@ -44,7 +44,7 @@ def get_config(arg=None):
                                      log_every=100, ckpt_every=500, keep=2, sample_every=2500, num_samples=16))
     if arg == "controlnet":  # 2 of the teacher's 4 blocks copied (diffusers' default: 7 of 28), resumable
         return run_config(TEACHER, data=CONTROL_DATA, control=dict(num_layers=2),
-                          train=dict(stage="controlnet", teacher_checkpoint=TEACHER_WEIGHTS, num_steps=6000, lr=5e-4,
+                          train=dict(stage="controlnet", teacher_checkpoint=TEACHER_WEIGHTS, num_steps=4000, lr=5e-4,
                                      warmup_steps=200, ema_decay=0.999, log_every=100, ckpt_every=250, keep=2,
                                      sample_every=1000, num_samples=16))
     c = run_config(

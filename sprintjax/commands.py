@@ -100,6 +100,9 @@ def cmd_sample(a):
         raise SprintjaxError("--strength applies to image-to-image only: give --init-latents")
     if bool(a.control) != bool(a.controlnet):
         raise SprintjaxError("--control and --controlnet go together: the control latents drive the ControlNet")
+    if not a.controlnet and (Path(a.ckpt) / "controlnet").is_dir():
+        raise SprintjaxError(f"{a.ckpt} was distilled with a ControlNet ({a.ckpt}/controlnet): give --controlnet "
+                             f"{Path(a.ckpt) / 'controlnet'} and --control C.npy (its control latents)")
     # every input is checked before the weights load
     caption = finite_input(_load_npy(a.caption_embeds, "caption embeddings"), "caption embeddings")
     mask = finite_input(_load_npy(a.caption_mask, "caption mask"), "caption mask") if a.caption_mask else None

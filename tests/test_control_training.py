@@ -197,6 +197,10 @@ def _check_serving(run, tmp_path):
                                             control=control)
         err = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
         assert err < 1e-4, (steps, err)
+    np.save(tmp_path / "e.npy", caption)  # a student distilled with a ControlNet is not sampled without it
+    assert main(["sample", str(tmp_path / "pipe"), "--caption-embeds", str(tmp_path / "e.npy"), "--out",
+                 str(tmp_path / "x.npy")]) == 2
+    assert not (tmp_path / "x.npy").exists()
     assert main(["export-mobile", str(run), str(tmp_path / "mobile"), "--control", "--weights", "float32",
                  "--caption-len", "16"]) == 0
     report = json.loads((tmp_path / "mobile" / "export.json").read_text())
