@@ -109,7 +109,8 @@ def test_prepare_data_encodes_with_the_real_encoders_and_resumes(encoders, image
 
     model = AutoencoderDC.from_pretrained(vae).eval()
     loader = prep.ImageEncoder(str(vae), 32)
-    img = np.stack([loader.load(pairs[0][0]), loader.load(pairs[1][0])])  # batched as prepare batched them:
+    pixels = np.stack([loader.pixels(pairs[0][0]), loader.pixels(pairs[1][0])])  # batched as prepare batched them:
+    img = pixels.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
     with torch.no_grad():  # oneDNN's kernels for batch 1 and 2 round differently on some CPUs
         lat = model.encode(torch.from_numpy(img)).latent.numpy()[1] * 0.41407
     np.testing.assert_allclose(ex["latents"], lat, rtol=1e-5, atol=1e-6)
