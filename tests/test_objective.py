@@ -18,7 +18,7 @@ SD = 0.5
 
 
 # ---------------------------------------------------------------- Eq. 9 on a closed-form student
-def _closed_form_student(student, params, caption, mask, w):
+def _closed_form_student(student, params, caption, mask, w, control=None):
     """F(x_hat, t) = A x_hat + B t (elementwise), logvar = params["lv"] [B]: its total time derivative along
     the teacher's ODE is A (dx_t/dt) / sigma_d + B, by hand."""
     def F(x_hat, t):
@@ -123,14 +123,16 @@ def _spied_d_step(monkeypatch, cfg):
     and the student were given (the model calls themselves jitted, for speed)."""
     calls = {"features": [], "denoise": []}
 
-    def features(teacher, params, x_hat, t, caption, mask, blocks):
+    def features(teacher, params, x_hat, t, caption, mask, blocks, control=None):
+        assert control is None  # text-to-image distillation: no ControlNet
         out = _FEATURES(teacher, params, x_hat, t, caption, mask, blocks)
         calls["features"].append(dict(x_hat=np.asarray(x_hat), t=np.asarray(t), caption=np.asarray(caption)))
         if len(calls["features"]) == 2:
             raise _Seen
         return out
 
-    def denoise(student, params, x_t, t, caption, mask, w, sigma_d):
+    def denoise(student, params, x_t, t, caption, mask, w, sigma_d, control=None):
+        assert control is None
         out = _DENOISE(student, params, x_t, t, caption, mask, w, sigma_d)
         calls["denoise"].append(dict(t=np.asarray(t), out=np.asarray(out)))
         return out
