@@ -10,17 +10,10 @@ import numpy as np
 from sprintjax.model_config import ModelConfig
 
 
-def random_diffusers_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
-    """A diffusers SanaTransformer2DModel with non-trivial random values in every tensor.
-
-    diffusers zero-initialises some tensors; here every one is drawn afresh (norm weights around 1), so a
-    conversion that drops or swaps any tensor changes the output.
-    """
+def _randomize(model, seed: int, scale: float):
+    """Every tensor drawn afresh (norm weights around 1), so a conversion that drops or swaps one shows."""
     import torch
-    from diffusers import SanaTransformer2DModel
 
-    fields = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
-    model = SanaTransformer2DModel(**fields).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -29,10 +22,22 @@ def random_diffusers_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
     return model
 
 
+def random_diffusers_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
+    """A diffusers SanaTransformer2DModel with non-trivial random values in every tensor.
+
+    diffusers zero-initialises some tensors; here every one is drawn afresh (norm weights around 1), so a
+    conversion that drops or swaps any tensor changes the output.
+    """
+    from diffusers import SanaTransformer2DModel
+
+    fields = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
+    model = SanaTransformer2DModel(**fields).eval()
+    return _randomize(model, seed, scale)
+
+
 def random_diffusers_controlnet(cfg: ModelConfig, seed: int = 0, scale: float = 0.3):
     """A random-valued diffusers SanaControlNetModel for a ControlNet config (sprintjax.controlnet), or
     sprintjax's SanaSprintControlNetModel where the config has a guidance embedder or QK-norm."""
-    import torch
     from diffusers import SanaControlNetModel
 
     config = cfg.to_diffusers(controlnet=True)
@@ -41,12 +46,7 @@ def random_diffusers_controlnet(cfg: ModelConfig, seed: int = 0, scale: float = 
     else:
         from sprintjax.convert.torch_controlnet import SanaSprintControlNetModel as model_cls
     model = model_cls(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * scale
-            p.copy_(noise + 1.0 if "norm" in name else noise)
-    return model
+    return _randomize(model, seed, scale)
 
 
 def diffusers_velocity(model, x, t, caption, caption_mask=None, guidance=None, controlnet=None, control=None,
