@@ -58,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     s.set_defaults(fn=commands.cmd_export_mobile)
 
+    s = sub.add_parser("compress", help="structured pruning of a student: blocks, cross-attention heads and "
+                                         "Mix-FFN channels by measured sensitivity -> a smaller params checkpoint")
+    s.add_argument("src", help="training workdir, sprintjax params checkpoint, or diffusers folder")
+    s.add_argument("out", help="output params checkpoint (with prune_plan.json and sensitivities.json)")
+    s.add_argument("--step", type=int, help="checkpoint step of a training workdir (default: the latest)")
+    s.add_argument("--part", default="auto", choices=["auto", "student", "ema", "teacher"])
+    s.add_argument("--data", help="prepared records; the first --held-out validation records measure sensitivity")
+    s.add_argument("--held-out", type=int, default=64, help="held-out records (each at the 1/2/4-step times)")
+    s.add_argument("--num-layers", type=int, help="blocks to keep (default: all)")
+    s.add_argument("--cross-heads", type=int, help="cross-attention heads to keep in each block (default: all)")
+    s.add_argument("--ffn-channels", type=int, help="Mix-FFN channels to keep in each block (default: all)")
+    s.add_argument("--channel-group", type=int, default=1, help="FFN channels ablated together when measuring")
+    s.add_argument("--guidance", type=float, default=4.5, help="embedded guidance scale while measuring")
+    s.add_argument("--plan", help="apply this prune_plan.json instead of measuring")
+    s.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    s.set_defaults(fn=commands.cmd_compress)
+
     s = sub.add_parser("sample", help="few-step TrigFlow sampling of a checkpoint; writes latents as .npy")
     s.add_argument("ckpt", help="sprintjax params checkpoint or diffusers folder (student or teacher)")
     s.add_argument("--caption-embeds", required=True, help=".npy [B, L, caption_channels]")

@@ -144,6 +144,53 @@ def cmd_sample(a):
     print(f"wrote {a.out}: latents {out.shape} (x0 / sigma_d, the VAE's scale)")
 
 
+def cmd_compress(a):
+    """Structured pruning (sprintjax.prune): sensitivities on held-out records, then the plan, or a given plan."""
+    from sprintjax import prune
+    from sprintjax.convert import save_params
+    from sprintjax.convert.pipeline import read_source
+    from sprintjax.model import SanaTransformer, count_params
+
+    _refuse_existing(a.out, a.force)
+    plan = None
+    if a.plan:
+        try:
+            plan = prune.PrunePlan.from_json(Path(a.plan).read_text())
+        except OSError as e:
+            raise SprintjaxError(f"cannot read --plan {a.plan}: {e}") from None
+    elif not a.data:
+        raise SprintjaxError("give --data (prepared records: their validation split is the held-out set) or --plan")
+    source = read_source(a.src, a.part, a.step)
+    if source.controlnet is not None:
+        raise SprintjaxError(f"{a.src} was distilled with a ControlNet, whose blocks copy the student's: pruning "
+                             "a controlled student is not supported")
+    cfg = source.cfg.replace(dtype="float32", remat="none")
+    print(f"read {source.description}: {count_params(source.params):,} parameters", flush=True)
+    sens = None
+    if plan is None:
+        sizes = (a.num_layers or cfg.num_layers, a.cross_heads or cfg.num_cross_attention_heads,
+                 a.ffn_channels or cfg.mlp_hidden)
+        prune.select(cfg, None, *sizes)  # the sizes are checked before the sensitivities are measured
+        from sprintjax.data.pipeline import open_split
+
+        records = open_split(a.data, "validation")
+        held = [records[i] for i in range(min(a.held_out, len(records)))]
+        arrays = [np.stack([r[k] for r in held]).astype(np.float32) for k in ("latents", "caption", "caption_mask")]
+        sens = prune.sensitivities(source.params, cfg, *arrays, channel_group=a.channel_group,
+                                   guidance_scale=a.guidance, log=lambda m: print(m, flush=True))
+        plan = prune.select(cfg, sens, *sizes)
+    params, small_cfg = prune.prune(source.params, cfg, plan)
+    extra = {"prune_plan.json": plan.to_json() + "\n"}
+    if sens is not None:
+        extra["sensitivities.json"] = json.dumps({k: np.asarray(v).tolist() for k, v in sens.items()}) + "\n"
+    save_params(a.out, params, small_cfg, force=a.force, extra=extra)
+    before, after = count_params(source.params), count_params(SanaTransformer(small_cfg).param_shapes())
+    print(f"blocks {cfg.num_layers} -> {small_cfg.num_layers}, cross-attention heads {cfg.num_cross_attention_heads}"
+          f" -> {small_cfg.num_cross_attention_heads}, Mix-FFN channels {cfg.mlp_hidden} -> {small_cfg.mlp_hidden}")
+    print(f"wrote {a.out}: {after:,} parameters ({after / before:.2f}x), prune_plan.json"
+          f"{', sensitivities.json' if sens is not None else ''}")
+
+
 def cmd_info(a):
     from sprintjax.model import SanaTransformer, count_params
     from sprintjax.model_config import PRESETS, preset

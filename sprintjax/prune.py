@@ -54,7 +54,12 @@ class PrunePlan:
 
     @classmethod
     def from_json(cls, text: str) -> PrunePlan:
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"a pruning plan is JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError("a pruning plan is a JSON object with blocks, cross_heads and ffn_channels")
         missing = sorted({"blocks", "cross_heads", "ffn_channels"} - set(d))
         if missing:
             raise ConfigError(f"a pruning plan needs the keys {missing}")

@@ -166,3 +166,50 @@ def test_bad_plans_get_one_error_naming_every_problem():
         prune.PrunePlan.from_json('{"blocks": [0]}')
     plan = prune.select(CFG, None, num_layers=2, cross_heads=2, ffn_channels=8)
     assert prune.PrunePlan.from_json(plan.to_json()) == plan and plan.blocks == (0, 2)
+
+
+def test_compress_command_measures_selects_writes_and_refuses_bad_input(tmp_path, capsys):
+    import functools
+    import json
+
+    from sprintjax.cli import main
+    from sprintjax.data import pipeline
+
+    cfg = CFG.replace(in_channels=4, out_channels=4)
+    shapes = {"latents": (4, 8, 8), "caption": (5, cfg.caption_channels), "caption_mask": (5,)}
+    make = functools.partial(pipeline.synthetic_examples, 6, shapes, 0)
+    data = pipeline.write_records(tmp_path / "rec", {"train": make, "validation": make}, shapes,
+                                  np.zeros((5, cfg.caption_channels)), np.ones(5))
+    params = random_params(cfg, seed=4)
+    params["transformer_blocks"]["ff"]["conv_point"]["kernel"][1] *= 1e-3  # block 1 is the cheapest to lose
+    for name in ("attn1", "attn2"):
+        for k in ("kernel", "bias"):
+            params["transformer_blocks"][name]["to_out"][k][1] *= 1e-3
+    convert.save_params(tmp_path / "student", params, cfg)
+
+    args = ["compress", str(tmp_path / "student"), str(tmp_path / "small"), "--data", str(data), "--held-out", "4",
+            "--num-layers", "2", "--cross-heads", "3", "--ffn-channels", "24", "--channel-group", "8"]
+    assert main(args) == 0
+    assert "blocks 3 -> 2, cross-attention heads 4 -> 3, Mix-FFN channels 40 -> 24" in capsys.readouterr().out
+    small, small_cfg = convert.load_model(tmp_path / "small")
+    plan = prune.PrunePlan.from_json((tmp_path / "small" / "prune_plan.json").read_text())
+    assert plan.blocks == (0, 2) and small_cfg.num_layers == 2
+    sens = json.loads((tmp_path / "small" / "sensitivities.json").read_text())
+    assert np.asarray(sens["channel"]).shape == (3, 5)
+    want, _ = prune.prune(params, cfg, plan)  # the written weights are the plan applied to the source
+    jax.tree.map(np.testing.assert_array_equal, small, want)
+
+    # the same plan applied by --plan needs no data
+    assert main(["compress", str(tmp_path / "student"), str(tmp_path / "again"), "--plan",
+                 str(tmp_path / "small" / "prune_plan.json")]) == 0
+    capsys.readouterr()
+    for bad, message in (
+        (["--data", str(data), "--cross-heads", "5"], "cross_heads must be in 1..4"),
+        (["--data", str(data), "--ffn-channels", "20", "--channel-group", "8"], "multiple of the sensitivities'"),
+        (["--data", str(data), "--channel-group", "7"], "channel_group 7 must divide the 40"),
+        (["--plan", str(tmp_path / "student" / "model_config.json")], "needs the keys"),
+        ([], "give --data"),
+    ):
+        assert main(["compress", str(tmp_path / "student"), str(tmp_path / "x"), *bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()

@@ -35,8 +35,9 @@ def _shapes(cfg: ModelConfig, controlnet: bool) -> dict:
 
 
 def save_params(dst: str | Path, params: dict, cfg: ModelConfig, force: bool = False,
-                controlnet: bool = False) -> Path:
-    """Writes the checkpoint atomically (nothing appears at `dst` unless the whole save succeeded)."""
+                controlnet: bool = False, extra: dict[str, str] | None = None) -> Path:
+    """Writes the checkpoint atomically (nothing appears at `dst` unless the whole save succeeded); `extra`:
+    more text files to write beside the config (name -> text), such as a pruned model's plan."""
     dst = Path(dst).absolute()
     with atomic_dir(dst, force=force) as tmp:
         ckpt = ocp.StandardCheckpointer()
@@ -44,6 +45,8 @@ def save_params(dst: str | Path, params: dict, cfg: ModelConfig, force: bool = F
         ckpt.wait_until_finished()
         ckpt.close()
         (tmp / _config_name(controlnet)).write_text(cfg.to_json() + "\n")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return dst
 
 
