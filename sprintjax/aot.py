@@ -63,7 +63,8 @@ def _abstract(tree, shardings):
 def compile_steps(config, topology: str, hlo_dir: str | None = None) -> dict:
     """{step name: {memory and cost figures per device}} for each training step of the config's stage;
     with `hlo_dir`, each compiled program's HLO text is also written there as `STEP.hlo.txt`."""
-    from sprintjax.train import compiled_step, plan, teacher_shapes
+    from sprintjax.stages import teacher_shapes
+    from sprintjax.train import compiled_step, plan
 
     rc: RunConfig = resolve(config)
     mesh = make_mesh(rc.mesh, topology_devices(topology), rc.sharding.fsdp_group)

@@ -151,7 +151,8 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
     part: "student" (a distillation run: the student's SANA params, without the logvar head), "ema" (its EMA),
     "student_control" / "ema_control" (a controlled distillation run: the student's ControlNet, or its EMA)
     or "params" (a teacher-stage run: its EMA weights if it kept them; a controlnet-stage run: its ControlNet's,
-    with the ControlNet's config). The model config comes from the run's config.json.
+    with the ControlNet's config; a recover-stage run: the pruned student's). The model config comes from the
+    run's config.json.
     """
     import ml_collections
 
@@ -194,4 +195,8 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
         from sprintjax.controlnet import controlnet_config
 
         cfg = controlnet_config(rc.model, rc.control.num_layers)
+    elif rc.train.stage == "recover":  # the pruned student's config
+        from sprintjax.recover import pruned_student
+
+        cfg = pruned_student(rc)[0]
     return tree.get("ema") or tree["params"], cfg, step  # the EMA weights when the run kept them

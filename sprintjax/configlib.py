@@ -17,6 +17,8 @@ from sprintjax.distill_config import DistillConfig
 from sprintjax.errors import ConfigError
 from sprintjax.model_config import ModelConfig
 
+STAGES = ("distill", "teacher", "controlnet", "recover")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -32,7 +34,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # distill (sCM + LADD) | teacher (flow-matching teacher adaptation, paper §3.2) | controlnet (a ControlNet
-    # trained by flow matching on the frozen teacher_checkpoint, paper §3.4; control section)
+    # trained by flow matching on the frozen teacher_checkpoint, paper §3.4; control section) | recover (a
+    # pruned student_checkpoint distilled from the uncompressed student teacher_checkpoint; sprintjax.recover)
     stage: str = "distill"
     seed: int = 0
     num_steps: int = 100  # iterations = batches; G and D alternate 1:1 when distilling
@@ -51,6 +54,8 @@ class TrainConfig:
     lr: float = 2e-5  # teacher stage only (distillation lrs live in the distill section)
     warmup_steps: int = 0  # teacher stage only
     ema_decay: float = 0.0  # teacher stage only: EMA of the weights (exported when on), 0 = off
+    student_checkpoint: str = ""  # recover: the pruned student to train (a `sprintjax compress` output)
+    feature_weight: float = 1.0  # recover: weight of the block-feature term beside the output term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,13 +199,17 @@ def resolve(cfg: ml_collections.ConfigDict) -> RunConfig:
     if not mesh or not all(isinstance(v, int) for v in mesh.values()):
         raise ConfigError(f"mesh must map axis names to sizes, got {mesh}")
     train = _typed(TrainConfig, cfg.get("train"), "train")
-    if train.stage not in ("distill", "teacher", "controlnet"):
-        raise ConfigError(f"train.stage must be 'distill', 'teacher' or 'controlnet', got {train.stage!r}")
+    if train.stage not in STAGES:
+        raise ConfigError(f"train.stage must be one of {STAGES}, got {train.stage!r}")
     control = _typed(ControlConfig, cfg.get("control"), "control")
     if train.stage == "controlnet" and control.num_layers < 1:
         raise ConfigError("train.stage 'controlnet' trains a ControlNet: set control.num_layers >= 1 (its blocks)")
-    if train.stage == "teacher" and control.num_layers:
-        raise ConfigError("control.num_layers is set but train.stage is 'teacher': use stage 'controlnet'")
+    if train.stage in ("teacher", "recover") and control.num_layers:
+        raise ConfigError(f"control.num_layers is set but train.stage is {train.stage!r}: a ControlNet trains in "
+                          "stage 'controlnet' and distils in stage 'distill'")
+    if train.stage == "recover" and not (train.student_checkpoint and train.teacher_checkpoint):
+        raise ConfigError("train.stage 'recover' trains train.student_checkpoint (a pruned student) towards "
+                          "train.teacher_checkpoint (the student it was pruned from): set both")
     model = _typed(ModelConfig, cfg.model, "model")
     if control.num_layers:
         from sprintjax.controlnet import controlnet_config

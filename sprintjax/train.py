@@ -1,11 +1,11 @@
-"""`sprintjax train --config ... --workdir ...`: one trainer for both stages (distillation and teacher
-adaptation), sectioned like big_vision's train.py. The same code runs on one CPU, on fake CPU devices, on
-several processes (`jax.distributed`) and on a pod; rerunning the command on the same workdir resumes.
+"""`sprintjax train --config ... --workdir ...`: one trainer for every stage (distillation, teacher adaptation,
+ControlNet training, recovery of a pruned student; their inputs: `sprintjax.stages`), sectioned like
+big_vision's train.py. The same code runs on one CPU, on fake CPU devices, on several processes
+(`jax.distributed`) and on a pod; rerunning the command on the same workdir resumes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -20,17 +20,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sprintjax import trigflow
 from sprintjax.checkpoints import Checkpoints
-from sprintjax.configlib import ControlConfig, RunConfig, resolve
-from sprintjax.convert import is_diffusers_folder
-from sprintjax.convert.params_ckpt import load_params
+from sprintjax.configlib import RunConfig, resolve
 from sprintjax.data import pipeline
 from sprintjax.distill import Distiller
-from sprintjax.errors import CheckpointError, ConfigError
+from sprintjax.errors import ConfigError
 from sprintjax.fileio import atomic_write_bytes
-from sprintjax.flow import TeacherTrainer, adapt_params
-from sprintjax.model import SanaTransformer
+from sprintjax.flow import TeacherTrainer
 from sprintjax.observe import MetricsLog
-from sprintjax.sharding import batch_sharding, data_parallel_size, make_mesh, tree_shardings
+from sprintjax.sharding import batch_sharding, make_mesh, tree_shardings
+from sprintjax.stages import check_inputs, frozen_params
 from sprintjax.workdir import claimed
 
 log = logging.getLogger("sprintjax")
@@ -56,91 +54,6 @@ def _data_dir(rc: RunConfig, workdir: Path) -> Path:
     return target
 
 
-def _check_inputs(rc: RunConfig, mesh) -> None:
-    """Everything a run can be refused for, checked before the workdir is touched: the batch over the mesh
-    and the processes, the teacher checkpoint (its kind and architecture) and the training records."""
-    gb, dp = rc.data.global_batch, data_parallel_size(mesh)
-    if gb % dp:
-        raise ConfigError(f"global batch {gb} does not divide over the {dp} data-parallel devices of mesh "
-                          f"{dict(mesh.shape)}")
-    if gb % jax.process_count():
-        raise ConfigError(f"global batch {gb} does not divide over {jax.process_count()} processes")
-    if rc.train.teacher_checkpoint:
-        from sprintjax.convert import model_config_of
-
-        src = model_config_of(rc.train.teacher_checkpoint, "train.teacher_checkpoint")
-        src = src.replace(**rc.model.compute_settings())
-        if src != rc.model and (rc.train.stage != "teacher" or is_diffusers_folder(rc.train.teacher_checkpoint)):
-            raise CheckpointError(f"teacher {rc.train.teacher_checkpoint} does not match config.model:\n{src}\n"
-                                  f"vs\n{rc.model}")
-    if rc.train.stage == "distill" and rc.control.num_layers:
-        from sprintjax.controlnet import check_pair
-        from sprintjax.convert import load_controlnet
-
-        if not rc.control.teacher_checkpoint:
-            raise ConfigError("distilling with control.num_layers set needs the teacher's ControlNet: set "
-                              "control.teacher_checkpoint (a `train-teacher` controlnet-stage export)")
-        if rc.train.diag_every:
-            raise ConfigError("train.diag_every: the JVP diagnostics do not take a ControlNet yet; set it to 0")
-        _, cn_cfg = load_controlnet(rc.control.teacher_checkpoint)
-        check_pair(rc.model, cn_cfg)
-        if cn_cfg.num_layers != rc.control.num_layers:
-            raise ConfigError(f"control.teacher_checkpoint has {cn_cfg.num_layers} blocks, control.num_layers says "
-                              f"{rc.control.num_layers}")
-    if rc.train.stage == "controlnet" and not rc.train.teacher_checkpoint:
-        raise ConfigError("train.stage 'controlnet' trains a ControlNet on a trained teacher: set "
-                          "train.teacher_checkpoint")
-    if rc.data.dir:
-        source = pipeline.open_split(rc.data.dir, rc.data.split)
-        pipeline.load_null_caption(rc.data.dir)
-        if rc.control.num_layers and "control" not in source[0]:
-            raise ConfigError(f"{rc.data.dir} has no control latents (a ControlNet trains on them): prepare it "
-                              f"with `sprintjax prepare-data ... --control canny` or a folder of control images")
-    elif not rc.data.synthetic:
-        raise ConfigError("data.dir is empty and data.synthetic is 0: there is nothing to train on")
-    elif rc.control.num_layers:
-        raise ConfigError("a ControlNet trains on control latents: synthetic data has none (set data.dir)")
-
-
-def teacher_shapes(rc: RunConfig) -> dict:
-    """The abstract params of what a stage holds frozen (or adapts): the teacher transformer, and when
-    distilling with control {"net": the transformer, "control": its ControlNet}."""
-    shapes = SanaTransformer(rc.model).param_shapes()
-    if rc.train.stage == "distill" and rc.control.num_layers:
-        from sprintjax.controlnet import SanaControlNet, controlnet_config
-
-        cn = SanaControlNet(controlnet_config(rc.model, rc.control.num_layers))
-        return {"net": shapes, "control": cn.param_shapes()}
-    return shapes
-
-
-def _teacher_params(rc: RunConfig, mesh, key):
-    """The frozen teacher (distillation, with its ControlNet when controlled) or the model to adapt (teacher
-    stage), placed by its shardings; the checkpoints' kind and architecture were checked by _check_inputs."""
-    if rc.train.stage == "distill" and rc.control.num_layers:
-        from sprintjax.convert import load_controlnet
-
-        shardings = tree_shardings(teacher_shapes(rc), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
-        net = _teacher_params(dataclasses.replace(rc, control=ControlConfig()), mesh, key)[0]
-        control = jax.device_put(load_controlnet(rc.control.teacher_checkpoint)[0], shardings["control"])
-        return {"net": net, "control": control}, shardings
-    model = SanaTransformer(rc.model)
-    shardings = tree_shardings(model.param_shapes(), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
-    if not rc.train.teacher_checkpoint:
-        return jax.jit(model.init, out_shardings=shardings)(key), shardings
-    from sprintjax.convert import diffusers_to_params
-    from sprintjax.convert.params_ckpt import read_model_config
-
-    if is_diffusers_folder(rc.train.teacher_checkpoint):  # a diffusers transformer or pipeline folder
-        params, _ = diffusers_to_params(rc.train.teacher_checkpoint)
-        return jax.device_put(params, shardings), shardings
-    src_cfg = read_model_config(rc.train.teacher_checkpoint).replace(**rc.model.compute_settings())
-    if src_cfg == rc.model:
-        return load_params(rc.train.teacher_checkpoint, src_cfg, shardings, check_finite=False)[0], shardings
-    src, _ = load_params(rc.train.teacher_checkpoint, src_cfg, check_finite=False)  # e.g. without QK-norm
-    return jax.jit(lambda p, k: adapt_params(p, model, k), out_shardings=shardings)(src, key), shardings
-
-
 def _sampler(rc: RunConfig, runner, captions, masks, controls=None):
     """A jitted function state -> latents [N, C, H, W] from fixed captions (and controls) and noise (for
     sample grids)."""
@@ -155,6 +68,14 @@ def _sampler(rc: RunConfig, runner, captions, masks, controls=None):
             F = student_fn(runner.student, state.student, captions, masks, w,
                            runner._student_control({"control": controls}))
             return trigflow.sample(lambda x, t: F(x, t)[0], noise[:1], trigflow.schedule(1), rc.distill.sigma_d)
+    elif rc.train.stage == "recover":
+        from sprintjax.sampling import trigflow_model
+
+        def run(state):
+            params = state.ema if state.ema is not None else state.params
+            F = trigflow_model(runner.model, params, captions, masks,
+                               rc.distill.cfg_scales[len(rc.distill.cfg_scales) // 2])
+            return trigflow.sample(F, noise[:1], trigflow.schedule(1), rc.distill.sigma_d)
     elif rc.train.stage == "controlnet":
         from sprintjax.controlnet import controlled_apply
 
@@ -181,6 +102,12 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
         runner = Distiller(rc.model, rc.distill, control_layers=rc.control.num_layers,
                            conditioning_scale=rc.control.conditioning_scale)
         init = runner.init
+    elif rc.train.stage == "recover":
+        from sprintjax.recover import Recoverer, pruned_student
+
+        runner = Recoverer(rc.model, *pruned_student(rc), rc.train.lr, rc.train.warmup_steps, rc.distill.cfg_scales,
+                           rc.train.feature_weight, rc.train.ema_decay, rc.distill.sigma_d)
+        init = lambda tp, null, _: runner.init(tp, null)  # noqa: E731
     else:
         runner = TeacherTrainer(rc.model, rc.train.lr, rc.train.warmup_steps, ema_decay=rc.train.ema_decay,
                                 control_layers=rc.control.num_layers,
@@ -188,8 +115,8 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
         init = lambda tp, null, _: runner.init(tp, null)  # noqa: E731
     abstract = jax.eval_shape(init, teacher_params, null_caption, jax.random.key(0))
     state_sh = tree_shardings(abstract, mesh, rc.sharding.rules, rc.sharding.min_fsdp_size)
-    if rc.train.stage in ("distill", "controlnet"):
-        state_sh = state_sh.replace(teacher=teacher_sh)
+    if rc.train.stage in ("distill", "controlnet", "recover"):
+        state_sh = state_sh.replace(teacher=teacher_sh["source"] if rc.train.stage == "recover" else teacher_sh)
     runner = runner.laid_out(state_sh)  # rematerialised blocks run as ZeRO-3 over this layout
     if rc.train.stage == "distill":
         steps = {"generator": runner.generator_step, "discriminator": runner.discriminator_step}
@@ -240,7 +167,7 @@ def train(config, workdir: str | Path) -> str:
     # ------------------------------------------------------------------ 1. config, mesh, checks, workdir
     rc = resolve(config)
     mesh = make_mesh(rc.mesh, fsdp_group=rc.sharding.fsdp_group)
-    _check_inputs(rc, mesh)
+    check_inputs(rc, mesh)
     with claimed(workdir) as claim:
         return _run(rc, config, Path(workdir).absolute(), mesh, claim)
 
@@ -257,7 +184,7 @@ def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
 
     # ------------------------------------------------------------------ 3. models, optimisers, sharded state
     key = jax.random.key(rc.train.seed)
-    teacher_params, teacher_sh = _teacher_params(rc, mesh, jax.random.fold_in(key, 1))
+    teacher_params, teacher_sh = frozen_params(rc, mesh, jax.random.fold_in(key, 1))
     p = plan(rc, mesh, teacher_params, null_caption, teacher_sh)
     runner, abstract, state_sh = p.runner, p.abstract, p.state_sh
     state = jax.jit(p.init, out_shardings=state_sh)(teacher_params, null_caption, jax.random.fold_in(key, 2))
@@ -297,7 +224,7 @@ def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
         phase_keys = {p: runner.metric_keys(p, abstract, peek) for p in (0, 1)}
         loss_keys = {0: "g_loss", 1: "d_loss"}
     else:
-        phase_keys, loss_keys = None, {0: "flow_loss"}
+        phase_keys, loss_keys = None, {0: "recover_loss" if rc.train.stage == "recover" else "flow_loss"}
     metrics = MetricsLog(workdir, loss_keys, phase_keys, rc.train.max_nonfinite, rc.train.num_steps,
                          rc.train.log_every)
     metrics.last_saved = ckpts.directory / str(start) if restored else None
