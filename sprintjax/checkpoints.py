@@ -180,7 +180,7 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
             raise CheckpointError(f"{workdir} is not a distillation run (no student in its state)")
         if which == "ema" and not tree.get("ema"):
             raise CheckpointError(f"{workdir} kept no EMA of the student (distill.ema_decay unset)")
-        student_cfg = rc.model.replace(guidance_embeds=True)
+        student_cfg = _student_config(workdir, rc) or rc.model.replace(guidance_embeds=True)
         if not control:
             return tree[which]["net"], student_cfg, step
         if "control" not in tree[which]:
@@ -196,7 +196,19 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
 
         cfg = controlnet_config(rc.model, rc.control.num_layers)
     elif rc.train.stage == "recover":  # the pruned student's config
-        from sprintjax.recover import pruned_student
-
-        cfg = pruned_student(rc)[0]
+        cfg = _student_config(workdir, rc)
     return tree.get("ema") or tree["params"], cfg, step  # the EMA weights when the run kept them
+
+
+def _student_config(workdir: Path, rc):
+    """The config of a run's train.student_checkpoint as the run recorded it (None without one)."""
+    from sprintjax.errors import CheckpointError
+    from sprintjax.model_config import ModelConfig
+    from sprintjax.stages import STUDENT_CONFIG
+
+    if not rc.train.student_checkpoint:
+        return None
+    path = workdir / STUDENT_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{workdir} trained a train.student_checkpoint but has no {STUDENT_CONFIG}")
+    return ModelConfig.from_json(path.read_text())

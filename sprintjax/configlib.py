@@ -54,7 +54,9 @@ class TrainConfig:
     lr: float = 2e-5  # teacher stage only (distillation lrs live in the distill section)
     warmup_steps: int = 0  # teacher stage only
     ema_decay: float = 0.0  # teacher stage only: EMA of the weights (exported when on), 0 = off
-    student_checkpoint: str = ""  # recover: the pruned student to train (a `sprintjax compress` output)
+    # recover: the pruned student to train (a `sprintjax compress` output); distill: a student of another shape
+    # than the teacher (a pruned one) to start from instead of the teacher's copy
+    student_checkpoint: str = ""
     feature_weight: float = 1.0  # recover: weight of the block-feature term beside the output term
 
 
@@ -207,6 +209,9 @@ def resolve(cfg: ml_collections.ConfigDict) -> RunConfig:
     if train.stage in ("teacher", "recover") and control.num_layers:
         raise ConfigError(f"control.num_layers is set but train.stage is {train.stage!r}: a ControlNet trains in "
                           "stage 'controlnet' and distils in stage 'distill'")
+    if train.student_checkpoint and control.num_layers:
+        raise ConfigError("train.student_checkpoint (a pruned student) with a ControlNet is not supported: the "
+                          "student's ControlNet copies the teacher's blocks")
     if train.stage == "recover" and not (train.student_checkpoint and train.teacher_checkpoint):
         raise ConfigError("train.stage 'recover' trains train.student_checkpoint (a pruned student) towards "
                           "train.teacher_checkpoint (the student it was pruned from): set both")

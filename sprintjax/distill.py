@@ -81,13 +81,15 @@ class Distiller:
     """Static description of a distillation run: models, config, optimisers. Holds no arrays."""
 
     def __init__(self, teacher_cfg: ModelConfig, cfg: DistillConfig, model_cls=SanaTransformer,
-                 control_layers: int = 0, conditioning_scale: float = 1.0):
+                 control_layers: int = 0, conditioning_scale: float = 1.0, student_cfg: ModelConfig | None = None):
         """model_cls: the transformer class of teacher and student (a subclass can pose a counterfactual
         architecture, e.g. notebooks/jvp_stability.ipynb's c_noise = 1000 t time embedding);
-        control_layers: the depth of the teacher's ControlNet (0: text-to-image distillation)."""
+        control_layers: the depth of the teacher's ControlNet (0: text-to-image distillation);
+        student_cfg: a student of another shape than the teacher (a pruned one, `sprintjax compress`), whose
+        weights `init` then takes; default the teacher's shape with a guidance embedder."""
         self.cfg = cfg
         self.teacher = model_cls(teacher_cfg)
-        self.student = model_cls(teacher_cfg.replace(guidance_embeds=True))
+        self.student = model_cls(student_cfg or teacher_cfg.replace(guidance_embeds=True))
         self.blocks = cfg.disc_blocks(teacher_cfg.num_layers)
         self.control_teacher = self.control_student = None
         self.conditioning_scale = conditioning_scale
@@ -124,10 +126,13 @@ class Distiller:
                                                           self.conditioning_scale)
 
     # ------------------------------------------------------------ init
-    def init(self, teacher_params, null_caption, rng) -> DistillState:
+    def init(self, teacher_params, null_caption, rng, student_net=None) -> DistillState:
+        """The initial state; the student is the teacher's copy (scm.init_student) or, given, `student_net`."""
         cfg = self.cfg
         k_s, k_h = jax.random.split(rng)
         _, student = scm.init_student(self.teacher.config, self._net(teacher_params), k_s)
+        if student_net is not None:
+            student["net"] = jax.tree.map(jnp.array, student_net)
         if self.control_student is not None:  # the teacher's ControlNet + the student's guidance embedder
             control = jax.tree.map(jnp.array, teacher_params["control"])
             control["time_embed"] = dict(control["time_embed"],

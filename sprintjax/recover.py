@@ -82,12 +82,12 @@ class Recoverer:
         return new
 
     def init(self, params, null_caption) -> TeacherState:
-        """params: {"source": the uncompressed student (frozen), "student": the pruned one (trained)}."""
+        """params: {"teacher": the uncompressed student (frozen), "student": the pruned one (trained)}."""
         student = jax.tree.map(jnp.array, params["student"])
         return TeacherState(step=jnp.zeros([], jnp.int32), params=student, opt=self.tx.init(student),
                             ema=jax.tree.map(jnp.array, student) if self.ema_decay else None,
                             skipped=jnp.zeros([], jnp.int32), null_caption=jnp.array(null_caption, jnp.float32),
-                            teacher=params["source"])
+                            teacher=params["teacher"])
 
     def loss(self, params, source_params, batch, rng):
         sd = self.sigma_d

@@ -13,11 +13,12 @@ import jax
 
 from sprintjax.configlib import ControlConfig, RunConfig
 from sprintjax.convert import is_diffusers_folder
-from sprintjax.convert.params_ckpt import load_params
+from sprintjax.convert.params_ckpt import load_params, read_model_config
 from sprintjax.data import pipeline
 from sprintjax.errors import CheckpointError, ConfigError
 from sprintjax.flow import adapt_params
 from sprintjax.model import SanaTransformer
+from sprintjax.model_config import ModelConfig
 from sprintjax.sharding import data_parallel_size, tree_shardings
 
 
@@ -52,10 +53,7 @@ def check_inputs(rc: RunConfig, mesh) -> None:
         if cn_cfg.num_layers != rc.control.num_layers:
             raise ConfigError(f"control.teacher_checkpoint has {cn_cfg.num_layers} blocks, control.num_layers says "
                               f"{rc.control.num_layers}")
-    if rc.train.stage == "recover":
-        from sprintjax.recover import pruned_student
-
-        pruned_student(rc)
+    student_config(rc)
     if rc.train.stage == "controlnet" and not rc.train.teacher_checkpoint:
         raise ConfigError("train.stage 'controlnet' trains a ControlNet on a trained teacher: set "
                           "train.teacher_checkpoint")
@@ -70,26 +68,50 @@ def check_inputs(rc: RunConfig, mesh) -> None:
     elif rc.control.num_layers:
         raise ConfigError("a ControlNet trains on control latents: synthetic data has none (set data.dir)")
 
+STUDENT_CONFIG = "student_model_config.json"  # written into a workdir whose run trains a train.student_checkpoint
+
+
+def student_config(rc: RunConfig) -> ModelConfig | None:
+    """The model config of `train.student_checkpoint` (a pruned student, recovered or not) with the run's
+    compute settings, checked against the teacher it trains with; None when the run has none."""
+    if not rc.train.student_checkpoint:
+        return None
+    from sprintjax.recover import pruned_student
+
+    if rc.train.stage == "recover":
+        return pruned_student(rc)[0]
+    if rc.train.stage != "distill":
+        raise ConfigError(f"train.student_checkpoint applies to stages distill and recover, not {rc.train.stage!r}")
+    cfg = read_model_config(rc.train.student_checkpoint).replace(**rc.model.compute_settings())
+    fields = ("in_channels", "out_channels", "caption_channels", "patch_size", "sample_size")
+    bad = [f"{k} {getattr(cfg, k)} (teacher: {getattr(rc.model, k)})" for k in fields
+           if getattr(cfg, k) != getattr(rc.model, k)]
+    if not cfg.guidance_embeds:
+        bad.append("no guidance embedder (a Sprint student has one)")
+    if bad:
+        raise CheckpointError(f"train.student_checkpoint {rc.train.student_checkpoint} cannot be this teacher's "
+                              f"student: {'; '.join(bad)}")
+    return cfg
+
 
 def teacher_shapes(rc: RunConfig) -> dict:
-    """The abstract params of what a stage holds frozen (or adapts): the teacher transformer, and when
-    distilling with control {"net": the transformer, "control": its ControlNet}."""
+    """The abstract params of what a stage holds frozen (or adapts): the teacher transformer; when distilling
+    with control {"net": the transformer, "control": its ControlNet}; with a `train.student_checkpoint`
+    {"teacher": the teacher (recover: the uncompressed student), "student": the student to train}."""
     shapes = SanaTransformer(rc.model).param_shapes()
     if rc.train.stage == "distill" and rc.control.num_layers:
         from sprintjax.controlnet import SanaControlNet, controlnet_config
 
         cn = SanaControlNet(controlnet_config(rc.model, rc.control.num_layers))
         return {"net": shapes, "control": cn.param_shapes()}
-    if rc.train.stage == "recover":  # the source student (frozen) and the pruned one (trained)
-        from sprintjax.recover import pruned_student
-
-        return {"source": shapes, "student": SanaTransformer(pruned_student(rc)[0]).param_shapes()}
+    if rc.train.student_checkpoint:
+        return {"teacher": shapes, "student": SanaTransformer(student_config(rc)).param_shapes()}
     return shapes
 
 
 def frozen_params(rc: RunConfig, mesh, key):
     """The frozen teacher (distillation, with its ControlNet when controlled), the model to adapt (teacher
-    stage) or {"source": the uncompressed student, "student": the pruned one} (recover), placed by their
+    stage), with a `train.student_checkpoint` {"teacher", "student"} (teacher_shapes), placed by their
     shardings; the checkpoints' kind and architecture were checked by check_inputs."""
     if rc.train.stage == "distill" and rc.control.num_layers:
         from sprintjax.convert import load_controlnet
@@ -98,14 +120,12 @@ def frozen_params(rc: RunConfig, mesh, key):
         net = frozen_params(dataclasses.replace(rc, control=ControlConfig()), mesh, key)[0]
         control = jax.device_put(load_controlnet(rc.control.teacher_checkpoint)[0], shardings["control"])
         return {"net": net, "control": control}, shardings
-    if rc.train.stage == "recover":
+    if rc.train.student_checkpoint:
         shardings = tree_shardings(teacher_shapes(rc), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
-        as_teacher = dataclasses.replace(rc, train=dataclasses.replace(rc.train, stage="teacher"))
-        source = frozen_params(as_teacher, mesh, key)[0]
-        from sprintjax.recover import pruned_student
-
-        student = load_params(rc.train.student_checkpoint, pruned_student(rc)[0], shardings["student"])[0]
-        return {"source": source, "student": student}, shardings
+        alone = dataclasses.replace(rc, train=dataclasses.replace(rc.train, stage="teacher", student_checkpoint=""))
+        teacher = frozen_params(alone, mesh, key)[0]
+        student = load_params(rc.train.student_checkpoint, student_config(rc), shardings["student"])[0]
+        return {"teacher": teacher, "student": student}, shardings
     model = SanaTransformer(rc.model)
     shardings = tree_shardings(model.param_shapes(), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
     if not rc.train.teacher_checkpoint:

@@ -28,7 +28,7 @@ from sprintjax.fileio import atomic_write_bytes
 from sprintjax.flow import TeacherTrainer
 from sprintjax.observe import MetricsLog
 from sprintjax.sharding import batch_sharding, make_mesh, tree_shardings
-from sprintjax.stages import check_inputs, frozen_params
+from sprintjax.stages import STUDENT_CONFIG, check_inputs, frozen_params, student_config
 from sprintjax.workdir import claimed
 
 log = logging.getLogger("sprintjax")
@@ -100,8 +100,10 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
     """
     if rc.train.stage == "distill":
         runner = Distiller(rc.model, rc.distill, control_layers=rc.control.num_layers,
-                           conditioning_scale=rc.control.conditioning_scale)
+                           conditioning_scale=rc.control.conditioning_scale, student_cfg=student_config(rc))
         init = runner.init
+        if rc.train.student_checkpoint:  # a pruned student: its own weights, not a copy of the teacher's
+            init = lambda tp, null, rng: runner.init(tp["teacher"], null, rng, tp["student"])  # noqa: E731
     elif rc.train.stage == "recover":
         from sprintjax.recover import Recoverer, pruned_student
 
@@ -116,7 +118,7 @@ def plan(rc: RunConfig, mesh, teacher_params, null_caption, teacher_sh) -> Simpl
     abstract = jax.eval_shape(init, teacher_params, null_caption, jax.random.key(0))
     state_sh = tree_shardings(abstract, mesh, rc.sharding.rules, rc.sharding.min_fsdp_size)
     if rc.train.stage in ("distill", "controlnet", "recover"):
-        state_sh = state_sh.replace(teacher=teacher_sh["source"] if rc.train.stage == "recover" else teacher_sh)
+        state_sh = state_sh.replace(teacher=teacher_sh["teacher"] if rc.train.student_checkpoint else teacher_sh)
     runner = runner.laid_out(state_sh)  # rematerialised blocks run as ZeRO-3 over this layout
     if rc.train.stage == "distill":
         steps = {"generator": runner.generator_step, "discriminator": runner.discriminator_step}
@@ -238,6 +240,8 @@ def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
     diag = _diagnostics(rc, runner, peek) if rc.train.diag_every and rc.train.stage == "distill" else None
     if jax.process_index() == 0:
         atomic_write_bytes(workdir / "config.json", config.to_json(indent=2, sort_keys=True).encode())
+        if rc.train.student_checkpoint:  # the trained model's shape, kept with the run (the input may move)
+            atomic_write_bytes(workdir / STUDENT_CONFIG, student_config(rc).to_json().encode())
     claim["started"] = True  # from here on the workdir holds this run's work: an error keeps it
     preempted = []
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))

@@ -96,3 +96,22 @@ def test_recover_stage_trains_the_pruned_student_and_exports_it(tmp_path):
     assert step == 30 and got_cfg == small_cfg.replace(**got_cfg.compute_settings())
     assert not np.array_equal(got["proj_out"]["kernel"], small["proj_out"]["kernel"])
     assert list((wd / "samples").glob("*.png"))
+
+    # then sCM + LADD from the recovered pruned student (train.student_checkpoint in a distillation run)
+    save_params(tmp_path / "recovered", got, got_cfg)
+    overrides = ["--config.model.guidance_embeds=False", "--config.train.num_steps=4", "--config.train.ckpt_every=2",
+                 f"--config.train.teacher_checkpoint={tmp_path / 'teacher'}",
+                 f"--config.train.student_checkpoint={tmp_path / 'recovered'}", "--config.data.synthetic=64"]
+    teacher_cfg = cfg.replace(guidance_embeds=False)
+    save_params(tmp_path / "teacher", SanaTransformer(teacher_cfg).init(jax.random.key(1)), teacher_cfg)
+    distill = lambda *extra: parse_overrides(load_config(str(ROOT / "configs" / "tiny.py")),  # noqa: E731
+                                             [*overrides, *extra])
+    save_params(tmp_path / "no_guidance", small, small_cfg.replace(guidance_embeds=False))
+    with pytest.raises(CheckpointError, match="no guidance embedder"):
+        train(distill(f"--config.train.student_checkpoint={tmp_path / 'no_guidance'}"), tmp_path / "bad")
+    wd2 = tmp_path / "distill"
+    assert train(distill(), wd2) == "done"
+    (tmp_path / "recovered").rename(tmp_path / "moved")  # the run keeps the student's shape itself
+    student, student_cfg, _ = trained_params(wd2, "student")
+    assert student_cfg.num_layers == 2 and student_cfg.num_cross_attention_heads == 1
+    assert not np.array_equal(student["proj_out"]["kernel"], got["proj_out"]["kernel"])
