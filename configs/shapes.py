@@ -12,8 +12,13 @@ ControlNet on the shipped teacher, trained by flow matching on Canny edge maps, 
     sprintjax prepare-data --shapes --vae builtin-ae --text-encoder minilm --max-length 16 --control canny \
         --out runs/shapes_control_data
     sprintjax train-teacher --config configs/shapes.py:controlnet --workdir runs/shapes_controlnet
-and `controlnet_distill` (teacher + the shipped ControlNet teacher distilled into a student + ControlNet by
-sCM + LADD, controls on both sides; what benchmarks/controlnet.py trains and measures)."""
+`controlnet_distill` (teacher + the shipped ControlNet teacher distilled into a student + ControlNet by
+sCM + LADD, controls on both sides; what benchmarks/controlnet.py trains and measures), and `recover` (a pruned
+student, `sprintjax compress`, distilled from the uncompressed one; benchmarks/compress.py's rungs):
+
+    sprintjax compress runs/demo/student runs/small --data runs/shapes_ae_data --num-layers 3 --ffn-channels 120
+    sprintjax train --config configs/shapes.py:recover --workdir runs/small_recover \
+        --config.train.student_checkpoint=runs/small"""
 
 from pathlib import Path
 
@@ -64,10 +69,17 @@ def get_config(arg=None):
         # at lr_g 1e-4 the controlled student collapsed to noise between iterations 80 and 240 (generator gradient
         # norm spikes of 650, 1-step FD 1000); at 3e-5 it distils (BENCHMARKS.md §7)
         c.distill.lr_g = 3e-5
+        c.train.num_steps = 960  # at 240 iterations the 1-step FD ratio was 1.71, at 960 1.07 (BENCHMARKS.md §7)
+    elif arg == "recover":  # the demo's student (make demo) is the uncompressed one
+        c = run_config(TEACHER.replace(guidance_embeds=True), data=DATA, distill=dict(c.distill),
+                       train=dict(stage="recover", teacher_checkpoint="runs/demo/student", num_steps=600, lr=5e-4,
+                                  warmup_steps=50, log_every=50, ckpt_every=200, keep=2, sample_every=200,
+                                  num_samples=16))
     elif arg == "scm":
         c.distill.use_ladd = False
     elif arg == "ladd":
         c.distill.use_scm = False
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of shapes.py (teacher, controlnet, controlnet_distill, scm, ladd)")
+        raise ValueError(f"unknown variant {arg!r} of shapes.py (teacher, controlnet, controlnet_distill, recover, "
+                         "scm, ladd)")
     return c

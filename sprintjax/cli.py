@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compress", help="structured pruning of a student: blocks, cross-attention heads and "
                                          "Mix-FFN channels by measured sensitivity -> a smaller params checkpoint")
     s.add_argument("src", help="training workdir, sprintjax params checkpoint, or diffusers folder")
-    s.add_argument("out", help="output params checkpoint (with prune_plan.json and sensitivities.json)")
+    s.add_argument("out", help="output params checkpoint with prune_plan.json (relative to the uncompressed model "
+                   "when SRC was pruned before) and sensitivities.json")
     s.add_argument("--step", type=int, help="checkpoint step of a training workdir (default: the latest)")
     s.add_argument("--part", default="auto", choices=["auto", "student", "ema", "teacher"])
     s.add_argument("--data", help="prepared records; the first --held-out validation records measure sensitivity")

@@ -180,6 +180,9 @@ def cmd_compress(a):
                                    guidance_scale=a.guidance, log=lambda m: print(m, flush=True))
         plan = prune.select(cfg, sens, *sizes)
     params, small_cfg = prune.prune(source.params, cfg, plan)
+    earlier = Path(a.src) / "prune_plan.json"  # a pruned source: the plan stays relative to the uncompressed one
+    if earlier.is_file():
+        plan = prune.compose(prune.PrunePlan.from_json(earlier.read_text()), plan)
     extra = {"prune_plan.json": plan.to_json() + "\n"}
     if sens is not None:
         extra["sensitivities.json"] = json.dumps({k: np.asarray(v).tolist() for k, v in sens.items()}) + "\n"

@@ -66,9 +66,25 @@ class PrunePlan:
         return cls(tuple(d["blocks"]), tuple(map(tuple, d["cross_heads"])), tuple(map(tuple, d["ffn_channels"])))
 
 
+def compose(outer: PrunePlan, inner: PrunePlan) -> PrunePlan:
+    """The plan, relative to `outer`'s source, of pruning by `outer` then by `inner` (whose indices count the
+    units `outer` kept): progressive pruning keeps every rung's plan relative to the uncompressed student, which
+    its recovery pairs blocks with."""
+    _check(inner, len(outer.blocks), len(outer.cross_heads[0]), len(outer.ffn_channels[0]))
+    return PrunePlan(tuple(outer.blocks[b] for b in inner.blocks),
+                     tuple(tuple(outer.cross_heads[b][h] for h in heads)
+                           for b, heads in zip(inner.blocks, inner.cross_heads, strict=True)),
+                     tuple(tuple(outer.ffn_channels[b][c] for c in chans)
+                           for b, chans in zip(inner.blocks, inner.ffn_channels, strict=True)))
+
+
 def check_plan(plan: PrunePlan, cfg: ModelConfig) -> None:
     """One ConfigError naming every way the plan does not fit the source config or a diffusers config."""
-    problems, n = [], cfg.num_layers
+    _check(plan, cfg.num_layers, cfg.num_cross_attention_heads, cfg.mlp_hidden)
+
+
+def _check(plan: PrunePlan, n: int, heads: int, channels: int) -> None:
+    problems = []
     if not plan.blocks:
         problems.append("the plan keeps no block")
     bad = [b for b in plan.blocks if not 0 <= b < n]
@@ -76,8 +92,8 @@ def check_plan(plan: PrunePlan, cfg: ModelConfig) -> None:
         problems.append(f"blocks {bad} do not exist: the transformer has blocks 0..{n - 1}")
     if len(set(plan.blocks)) != len(plan.blocks) or list(plan.blocks) != sorted(plan.blocks):
         problems.append(f"kept blocks must be distinct and in order, got {list(plan.blocks)}")
-    for what, per_block, total in (("cross_heads", plan.cross_heads, cfg.num_cross_attention_heads),
-                                   ("ffn_channels", plan.ffn_channels, cfg.mlp_hidden)):
+    for what, per_block, total in (("cross_heads", plan.cross_heads, heads),
+                                   ("ffn_channels", plan.ffn_channels, channels)):
         if len(per_block) != len(plan.blocks):
             problems.append(f"{what} lists {len(per_block)} blocks, the plan keeps {len(plan.blocks)}")
             continue

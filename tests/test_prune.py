@@ -202,6 +202,12 @@ def test_compress_command_measures_selects_writes_and_refuses_bad_input(tmp_path
     # the same plan applied by --plan needs no data
     assert main(["compress", str(tmp_path / "student"), str(tmp_path / "again"), "--plan",
                  str(tmp_path / "small" / "prune_plan.json")]) == 0
+    # a second rung cut from the first records its plan relative to the uncompressed student
+    second = prune.select(small_cfg, None, 1, 2, 8)
+    (tmp_path / "second.json").write_text(second.to_json())
+    rung2 = tmp_path / "rung2"
+    assert main(["compress", str(tmp_path / "small"), str(rung2), "--plan", str(tmp_path / "second.json")]) == 0
+    assert prune.PrunePlan.from_json((rung2 / "prune_plan.json").read_text()) == prune.compose(plan, second)
     capsys.readouterr()
     for bad, message in (
         (["--data", str(data), "--cross-heads", "5"], "cross_heads must be in 1..4"),
@@ -213,3 +219,17 @@ def test_compress_command_measures_selects_writes_and_refuses_bad_input(tmp_path
         assert main(["compress", str(tmp_path / "student"), str(tmp_path / "x"), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+def test_progressive_pruning_composes_to_one_plan_relative_to_the_source():
+    params = random_params(CFG, seed=5)
+    first, first_cfg = prune.prune(params, CFG, PLAN)
+    second = prune.PrunePlan((1,), ((1,),), ((0, 2, 5),))  # of what PLAN kept: block 2, head 2, channels 1, 3, 38
+    twice, twice_cfg = prune.prune(first, first_cfg, second)
+    composed = prune.compose(PLAN, second)
+    assert composed == prune.PrunePlan((2,), ((2,),), ((1, 3, 38),))
+    once, once_cfg = prune.prune(params, CFG, composed)
+    assert once_cfg == twice_cfg
+    jax.tree.map(np.testing.assert_array_equal, once, twice)
+    with pytest.raises(ConfigError, match="blocks \\[2\\] do not exist"):
+        prune.compose(PLAN, prune.PrunePlan((2,), ((0,),), ((0,),)))
