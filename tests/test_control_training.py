@@ -216,7 +216,7 @@ def test_control_configs_are_checked_before_the_workdir_exists(control_data, tmp
         resolve(parse_overrides(load_config(f"{SHAPES}:controlnet"), ["--config.control.num_layers=0"]))
     with pytest.raises(ConfigError, match="needs 1 <= n < the transformer's 4"):
         resolve(parse_overrides(load_config(f"{SHAPES}:controlnet"), ["--config.control.num_layers=4"]))
-    with pytest.raises(ConfigError, match="use stage 'controlnet'"):
+    with pytest.raises(ConfigError, match="a ControlNet trains in stage 'controlnet'"):
         resolve(parse_overrides(load_config(f"{SHAPES}:teacher"), ["--config.control.num_layers=2"]))
     with pytest.raises(ConfigError, match="set control.teacher_checkpoint"):
         train(_cfg("controlnet_distill", control_data / "data", ["--config.control.teacher_checkpoint="]),
