@@ -46,6 +46,7 @@ VARIANTS = [  # before/after figures of the remat policy, the mesh, ZeRO-3, wher
     ("600m", "v5p", 64, {"mesh.data": 1}),  # FSDP over all 64 (the default before the mesh picked itself)
     # ControlNet Sprint: a 7-block ControlNet (diffusers' default) on teacher and student (docs/controlnet.md)
     *[("600m", chip, 64, {"control.num_layers": 7}) for chip in ("v5p", "v6e")],
+    ("600m", "v6e", 64, {"control.num_layers": 7, "model.remat": "full"}),  # does v6e fit it with full remat?
 ]
 SHORT = {REPLICATED_TEACHER: "replicated"}  # run names for override values that are not plain words
 

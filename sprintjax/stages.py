@@ -12,7 +12,7 @@ import dataclasses
 import jax
 
 from sprintjax.configlib import ControlConfig, RunConfig
-from sprintjax.convert import is_diffusers_folder
+from sprintjax.convert import diffusers_to_params, is_diffusers_folder, model_config_of
 from sprintjax.convert.params_ckpt import load_params, read_model_config
 from sprintjax.data import pipeline
 from sprintjax.errors import CheckpointError, ConfigError
@@ -82,7 +82,8 @@ def student_config(rc: RunConfig) -> ModelConfig | None:
         return pruned_student(rc)[0]
     if rc.train.stage != "distill":
         raise ConfigError(f"train.student_checkpoint applies to stages distill and recover, not {rc.train.stage!r}")
-    cfg = read_model_config(rc.train.student_checkpoint).replace(**rc.model.compute_settings())
+    cfg = model_config_of(rc.train.student_checkpoint, "train.student_checkpoint")
+    cfg = cfg.replace(**rc.model.compute_settings())
     fields = ("in_channels", "out_channels", "caption_channels", "patch_size", "sample_size")
     bad = [f"{k} {getattr(cfg, k)} (teacher: {getattr(rc.model, k)})" for k in fields
            if getattr(cfg, k) != getattr(rc.model, k)]
@@ -124,15 +125,15 @@ def frozen_params(rc: RunConfig, mesh, key):
         shardings = tree_shardings(teacher_shapes(rc), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
         alone = dataclasses.replace(rc, train=dataclasses.replace(rc.train, stage="teacher", student_checkpoint=""))
         teacher = frozen_params(alone, mesh, key)[0]
-        student = load_params(rc.train.student_checkpoint, student_config(rc), shardings["student"])[0]
+        if is_diffusers_folder(rc.train.student_checkpoint):  # e.g. a recover run's export-diffusers
+            student = jax.device_put(diffusers_to_params(rc.train.student_checkpoint)[0], shardings["student"])
+        else:
+            student = load_params(rc.train.student_checkpoint, student_config(rc), shardings["student"])[0]
         return {"teacher": teacher, "student": student}, shardings
     model = SanaTransformer(rc.model)
     shardings = tree_shardings(model.param_shapes(), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
     if not rc.train.teacher_checkpoint:
         return jax.jit(model.init, out_shardings=shardings)(key), shardings
-    from sprintjax.convert import diffusers_to_params
-    from sprintjax.convert.params_ckpt import read_model_config
-
     if is_diffusers_folder(rc.train.teacher_checkpoint):  # a diffusers transformer or pipeline folder
         params, _ = diffusers_to_params(rc.train.teacher_checkpoint)
         return jax.device_put(params, shardings), shardings

@@ -10,7 +10,7 @@ import pytest
 
 from sprintjax import prune
 from sprintjax.configlib import load_config, parse_overrides
-from sprintjax.convert import save_params
+from sprintjax.convert import params_to_diffusers, save_params
 from sprintjax.errors import CheckpointError, ConfigError
 from sprintjax.model import SanaTransformer
 from sprintjax.recover import Recoverer
@@ -98,7 +98,7 @@ def test_recover_stage_trains_the_pruned_student_and_exports_it(tmp_path):
     assert list((wd / "samples").glob("*.png"))
 
     # then sCM + LADD from the recovered pruned student (train.student_checkpoint in a distillation run)
-    save_params(tmp_path / "recovered", got, got_cfg)
+    params_to_diffusers(tmp_path / "recovered", got, got_cfg)  # a diffusers folder, as export-diffusers writes
     overrides = ["--config.model.guidance_embeds=False", "--config.train.num_steps=4", "--config.train.ckpt_every=2",
                  f"--config.train.teacher_checkpoint={tmp_path / 'teacher'}",
                  f"--config.train.student_checkpoint={tmp_path / 'recovered'}", "--config.data.synthetic=64"]
