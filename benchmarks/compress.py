@@ -1,15 +1,13 @@
 """The compression ladder of the Sprint student on the shapes miniature (issue 22; not in CI).
 
-    python benchmarks/compress.py --out runs/bench/compress_recover                 # recovery only (the default)
-    python benchmarks/compress.py --out runs/bench/compress --ladd-steps 240        # + sCM + LADD after each
-Resumable: finished rungs and runs are reused.
+    python benchmarks/compress.py                         # resumable: finished rungs and runs are reused
+    python benchmarks/compress.py --ladd-steps 0 --out D  # recovery only (not yet run as a whole ladder)
 
 1. The uncompressed student: the demo's distillation (configs/shapes.py, 240 iterations, seed 0) -> --out/student.
 2. Each rung is cut from the previous rung's final weights (`sprintjax compress`: sensitivities on 64 held-out
    validation records at the 1/2/4-step times; its plan kept relative to the uncompressed student), recovered by
    distillation from the uncompressed student (configs/shapes.py:recover, --recover-steps iterations), then
-   optionally trained by sCM + LADD from the teacher (the demo's config with train.student_checkpoint,
-   --ladd-steps).
+   trained by sCM + LADD from the teacher (the demo's config with train.student_checkpoint, --ladd-steps).
 3. Per rung: parameters; the 1-step generator exported to ExecuTorch (XNNPACK, float32) and its file size;
    FD and compositional score at 1 step (--num validation prompts, the shared noise) after recovery and after
    sCM + LADD; the generators' latencies, batch 1, 2 threads, median of --repeats rounds run interleaved
@@ -149,8 +147,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", type=Path, default=REPO / "runs" / "shapes_ae_data")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "compress")
     p.add_argument("--recover-steps", type=int, default=600)
-    # sCM + LADD after recovery made every rung worse at 240 iterations (BENCHMARKS.md §8): off by default
-    p.add_argument("--ladd-steps", type=int, default=0, help="sCM + LADD iterations after each recovery (0: none)")
+    p.add_argument("--ladd-steps", type=int, default=240, help="sCM + LADD iterations after recovery (0: none)")
     p.add_argument("--num", type=int, default=500, help="validation prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=50, help="latency rounds")
