@@ -77,6 +77,16 @@ def flow_loss(model: SanaTransformer, params, batch, rng, null_caption, cond_dro
     return loss, {"flow_loss": loss}
 
 
+def apply_step(state: TeacherState, grads, metrics, tx, ema_decay: float):
+    """One optimiser update of `state.params` (skipped, counted, if the gradient is not finite) and its EMA."""
+    params, opt, ok, gnorm = apply_if_finite(tx, grads, state.opt, state.params)
+    ema = state.ema
+    if ema_decay:
+        ema = jax.tree.map(lambda e, p: jnp.where(ok, ema_decay * e + (1 - ema_decay) * p, e), state.ema, params)
+    state = state.replace(params=params, opt=opt, ema=ema, step=state.step + ok, skipped=state.skipped + (1 - ok))
+    return state, dict(metrics, grad_norm=gnorm, skipped=state.skipped)
+
+
 class TeacherTrainer:
     """Static description of teacher training; `step` is the pure function the trainer jits."""
 
@@ -114,10 +124,4 @@ class TeacherTrainer:
         grad_fn = jax.value_and_grad(flow_loss, argnums=1, has_aux=True)
         (_, metrics), grads = grad_fn(self.model, state.params, batch, rng, state.null_caption, self.cond_drop,
                                       control)
-        params, opt, ok, gnorm = apply_if_finite(self.tx, grads, state.opt, state.params)
-        ema = state.ema
-        if self.ema_decay:
-            d = self.ema_decay
-            ema = jax.tree.map(lambda e, p: jnp.where(ok, d * e + (1 - d) * p, e), state.ema, params)
-        state = state.replace(params=params, opt=opt, ema=ema, step=state.step + ok, skipped=state.skipped + (1 - ok))
-        return state, dict(metrics, grad_norm=gnorm, skipped=state.skipped)
+        return apply_step(state, grads, metrics, self.tx, self.ema_decay)

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from sprintjax import trigflow
-from sprintjax.distill import apply_if_finite
 from sprintjax.errors import CheckpointError
-from sprintjax.flow import TeacherState, make_teacher_optimizer
+from sprintjax.flow import TeacherState, apply_step, make_teacher_optimizer
 from sprintjax.model import SanaTransformer
 from sprintjax.model_config import ModelConfig
 from sprintjax.prune import PrunePlan, pruned_config, sampler_times
@@ -114,10 +113,4 @@ class Recoverer:
 
     def step(self, state: TeacherState, batch, rng):
         (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, state.teacher, batch, rng)
-        params, opt, ok, gnorm = apply_if_finite(self.tx, grads, state.opt, state.params)
-        ema = state.ema
-        if self.ema_decay:
-            d = self.ema_decay
-            ema = jax.tree.map(lambda e, p: jnp.where(ok, d * e + (1 - d) * p, e), state.ema, params)
-        state = state.replace(params=params, opt=opt, ema=ema, step=state.step + ok, skipped=state.skipped + (1 - ok))
-        return state, dict(metrics, grad_norm=gnorm, skipped=state.skipped)
+        return apply_step(state, grads, metrics, self.tx, self.ema_decay)
