@@ -132,11 +132,19 @@ def encode(params, images: np.ndarray, batch: int = 256) -> np.ndarray:
     return (np.concatenate(out) * params["scaling_factor"]).transpose(0, 3, 1, 2)
 
 
+def _decoded(params, latents: np.ndarray, batch: int) -> np.ndarray:
+    z = np.asarray(latents, np.float32).transpose(0, 2, 3, 1) / params["scaling_factor"]
+    return np.concatenate([np.asarray(_decode(params["decoder"], z[i:i + batch])) for i in range(0, len(z), batch)])
+
+
 def decode(params, latents: np.ndarray, batch: int = 256) -> np.ndarray:
     """latents [B, LATENT_CHANNELS, 8, 8] -> uint8 [B, 32, 32, 3]."""
-    z = np.asarray(latents, np.float32).transpose(0, 2, 3, 1) / params["scaling_factor"]
-    x = np.concatenate([np.asarray(_decode(params["decoder"], z[i:i + batch])) for i in range(0, len(z), batch)])
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.clip(np.round((_decoded(params, latents, batch) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def decode_unit(params, latents: np.ndarray, batch: int = 256) -> np.ndarray:
+    """latents [B, LATENT_CHANNELS, 8, 8] -> float32 [B, 32, 32, 3] in [0, 1] (the mobile decoder's output)."""
+    return np.clip((_decoded(params, latents, batch) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def save(params, path: Path) -> None:

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", action="store_true", help="skip running each artifact against sprintjax")
     s.add_argument("--control", action="store_true", help="the controlled generator of a ControlNet-distilled run "
                    "(control latents as a fourth input)")
+    s.add_argument("--text-encoder", help="with --vae: the whole pipeline as one program (methods encode_text, "
+                   "generate, decode) + tokenizer files; the records' text encoder folder, or minilm")
+    s.add_argument("--vae", help="with --text-encoder: builtin-ae or a diffusers AutoencoderDC folder")
+    s.add_argument("--instruction-file", help="with --text-encoder: the records' instruction text (prepare-data)")
+    s.add_argument("--prompt", action="append", help="example prompt(s) the pipeline is checked on (repeatable)")
+    s.add_argument("--max-bytes", type=int, help="size limit of every written file: larger is an error, "
+                   "nothing is written")
     s.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     s.set_defaults(fn=commands.cmd_export_mobile)
 

@@ -68,20 +68,39 @@ def cmd_export_diffusers(a):
 
 
 def cmd_export_mobile(a):
-    from sprintjax.convert.mobile import export_mobile, format_report
+    from sprintjax.convert import mobile, mobile_pipeline
     from sprintjax.convert.pipeline import read_source
 
     _refuse_existing(a.out, a.force)
+    whole = a.text_encoder or a.vae
+    if whole and not (a.text_encoder and a.vae):
+        raise SprintjaxError("the whole pipeline needs both --text-encoder and --vae")
+    if whole and a.control:
+        raise SprintjaxError("--control exports the controlled generator alone: drop --text-encoder / --vae")
+    if not whole and (a.instruction_file or a.prompt):
+        raise SprintjaxError("--instruction-file and --prompt apply to the whole pipeline (--text-encoder, --vae)")
+    if a.max_bytes is not None and a.max_bytes < 1:
+        raise SprintjaxError(f"--max-bytes must be positive, got {a.max_bytes}")
     source = read_source(a.src, a.part, a.step)
     if a.control and source.controlnet is None:
         raise SprintjaxError(f"--control: {a.src} holds no ControlNet (give a run distilled with control.num_layers)")
     print(f"read {source.description}{' and its ControlNet' if a.control else ''}", flush=True)
     csv = lambda text: [x for x in text.split(",") if x]  # noqa: E731
-    report = export_mobile(source.params, source.cfg, a.out, [int(k) for k in csv(a.steps)], a.batch, a.height,
-                           a.width, a.caption_len, a.guidance, csv(a.weights), csv(a.formats),
-                           verify=not a.no_verify, force=a.force, log=lambda m: print(m, flush=True),
-                           controlnet=source.controlnet if a.control else None)
-    print(format_report(report))
+    common = dict(steps=[int(k) for k in csv(a.steps)], batch=a.batch, caption_len=a.caption_len,
+                  guidance=a.guidance, weights=csv(a.weights), formats=csv(a.formats), verify=not a.no_verify,
+                  force=a.force, max_bytes=a.max_bytes, log=lambda m: print(m, flush=True))
+    if whole:
+        if a.height or a.width:
+            raise SprintjaxError("the whole pipeline generates at the model's sample_size: drop --height / --width")
+        instruction = Path(a.instruction_file).read_text() if a.instruction_file else ""
+        report = mobile_pipeline.export_pipeline(source.params, source.cfg, a.out, a.text_encoder, a.vae,
+                                                 instruction=instruction, prompts=a.prompt or mobile_pipeline.PROMPTS,
+                                                 **common)
+        print(mobile_pipeline.format_report(report))
+    else:
+        report = mobile.export_mobile(source.params, source.cfg, a.out, height=a.height, width=a.width,
+                                      controlnet=source.controlnet if a.control else None, **common)
+        print(mobile.format_report(report))
     print(f"wrote {a.out} (export.json lists the inputs, outputs and figures)")
 
 

@@ -136,19 +136,19 @@ def torch_generator(params, cfg, steps: int, guidance: float = 4.5, weights: str
     if weights != "float32":
         for m in (model, cn):
             if m is not None:
-                _replace_layers(m, lambda layer: WeightOnly(layer, weights))
+                replace_layers(m, lambda layer: WeightOnly(layer, weights))
     g = guidance * cfg.guidance_embeds_scale if cfg.guidance_embeds else None
     return Generator(model, np.asarray(trigflow.schedule(steps)), g, controlnet=cn).eval()
 
 
-def _replace_layers(module, make) -> None:
+def replace_layers(module, make) -> None:
     from torch import nn
 
     for name, child in module.named_children():
         if isinstance(child, nn.Linear | nn.Conv2d):
             setattr(module, name, make(child))
         else:
-            _replace_layers(child, make)
+            replace_layers(child, make)
 
 
 def example_inputs(cfg, steps: int, batch: int, height: int, width: int, caption_len: int, seed: int = 0,
@@ -165,19 +165,19 @@ def example_inputs(cfg, steps: int, batch: int, height: int, width: int, caption
     return noise, caption, mask
 
 
-def _rel(a, b) -> float:
+def rel_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-def _write_onnx(program, args, path: Path) -> None:
+def write_onnx(program, args, path: Path, names=("noise", "caption", "caption_mask", "control"),
+               outputs=("latents",)) -> None:
     """ONNX through the dynamo exporter, without its graph optimiser (which turned the masked cross-attention
     into NaNs with onnxscript 0.7.2) and without the per-node source metadata (most of a small file)."""
     import onnx
     import torch
 
-    names = ["noise", "caption", "caption_mask", "control"][:len(args)]
-    onnx_program = torch.onnx.export(program, args, dynamo=True, optimize=False, input_names=names,
-                                     output_names=["latents"])
+    onnx_program = torch.onnx.export(program, args, dynamo=True, optimize=False, input_names=list(names[:len(args)]),
+                                     output_names=list(outputs))
     model = onnx_program.model_proto
     for node in model.graph.node:
         del node.metadata_props[:]
@@ -186,25 +186,55 @@ def _write_onnx(program, args, path: Path) -> None:
                     location=path.name + ".data")
 
 
-def pte_runner(path: Path):
-    """inputs -> output through the ExecuTorch runtime's Python bindings (program loaded once)."""
+def pte_runner(path: Path, method: str = "forward", first: bool = True):
+    """inputs -> output (first) or outputs through the ExecuTorch runtime's Python bindings (loaded once)."""
     import torch
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(str(path)).load_method("forward")
-    return lambda inputs: method.execute([torch.from_numpy(a) for a in inputs])[0].numpy()
+    loaded = Runtime.get().load_program(str(path)).load_method(method)
+
+    def run(inputs):
+        outs = [o.numpy() for o in loaded.execute([torch.from_numpy(np.array(a)) for a in inputs])]
+        return outs[0] if first else outs
+    return run
 
 
-def onnx_runner(path: Path):
-    """inputs -> output through onnxruntime on the CPU (session created once)."""
+def onnx_runner(path: Path, first: bool = True):
+    """inputs -> output (first) or outputs through onnxruntime on the CPU (session created once)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: not the optimiser's notes on nodes it cannot fold
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    return lambda inputs: sess.run(None, dict(zip(names, inputs, strict=True)))[0]
+
+    def run(inputs):
+        outs = sess.run(None, dict(zip(names, inputs, strict=True)))
+        return outs[0] if first else outs
+    return run
 
 
-def _timed(fn, inputs, repeats: int = 3) -> float:
+def state_bytes(*modules) -> int:
+    """Bytes of the weights the modules' program stores: parameters and buffers, each tensor counted once at
+    its stored width (int8 / float16 for the compressed variants)."""
+    seen = {}
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def check_size(nbytes: int, max_bytes: int | None, what: str, written: bool = False) -> None:
+    """Refuses an artifact over the user's size limit: before lowering (from its weights) and after writing."""
+    if max_bytes is None or nbytes <= max_bytes:
+        return
+    how = "is" if written else "would hold"
+    raise SprintjaxError(f"{what} {how} {nbytes / 2**20:.2f} MiB{'' if written else ' of weights'}, over the limit "
+                         f"--max-bytes {max_bytes} ({max_bytes / 2**20:.2f} MiB); nothing was written: choose "
+                         "--weights int8 or float16, or a smaller model (sprintjax compress)")
+
+
+def timed(fn, inputs, repeats: int = 3) -> float:
     fn(inputs)
     times = []
     for _ in range(repeats):
@@ -217,10 +247,11 @@ def _timed(fn, inputs, repeats: int = 3) -> float:
 def export_mobile(params, cfg, out: str | Path, steps=(1,), batch: int = 1, height: int | None = None,
                   width: int | None = None, caption_len: int = 300, guidance: float = 4.5,
                   weights=WEIGHTS, formats=FORMATS, verify: bool = True, force: bool = False, log=print,
-                  controlnet=None) -> dict:
+                  controlnet=None, max_bytes: int | None = None) -> dict:
     """Exports every (steps, weights, format) artifact into `out` (atomically) and, with verify, runs each in
     its runtime on fixed inputs against sprintjax's own sampler. Returns (and writes as export.json) the figures.
-    controlnet: a ControlNet's (params, config): the controlled generator, control latents a fourth input."""
+    controlnet: a ControlNet's (params, config): the controlled generator, control latents a fourth input.
+    max_bytes: a size limit for every file; an artifact over it is an error and nothing is written."""
     from sprintjax import trigflow
     from sprintjax.model import SanaTransformer
     from sprintjax.sampling import sample_latents
@@ -254,17 +285,19 @@ def export_mobile(params, cfg, out: str | Path, steps=(1,), batch: int = 1, heig
                 finite_output(reference, f"sprintjax's {k}-step sampler on the export's example inputs", FINITE_IN)
             for w in weights:
                 report["artifacts"].update(_export_one(params, cfg, tmp, k, w, formats, guidance, inputs, reference,
-                                                       log, controlnet))
+                                                       log, controlnet, max_bytes))
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def _export_one(params, cfg, folder: Path, steps: int, weights: str, formats, guidance, inputs, reference, log,
-                controlnet=None):
+                controlnet=None, max_bytes=None):
     """One generator (step count, weight format) exported once, lowered to each format, checked."""
     import torch
 
     module = torch_generator(params, cfg, steps, guidance, weights, controlnet)
+    what = f"the {steps}-step generator with {weights} weights"
+    check_size(state_bytes(module), max_bytes, what)
     args = tuple(torch.from_numpy(a) for a in inputs)
     with torch.no_grad():
         eager = module(*args).numpy()
@@ -282,16 +315,22 @@ def _export_one(params, cfg, folder: Path, steps: int, weights: str, formats, gu
             et = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
             (folder / name).write_bytes(et.buffer)
         else:
-            _write_onnx(program, args, folder / name)
-        entry = {"file": name, "steps": steps, "weights": weights, "bytes": (folder / name).stat().st_size}
+            write_onnx(program, args, folder / name)
+        check_size(file_bytes(folder, name), max_bytes, name, written=True)
+        entry = {"file": name, "steps": steps, "weights": weights, "bytes": file_bytes(folder, name)}
         if reference is not None:
             run = (pte_runner if fmt == "pte" else onnx_runner)(folder / name)
             got = run(inputs)
             finite_output(got, f"{name} run in its runtime", FINITE_IN)
-            entry.update(rel_err_vs_sprintjax=_rel(got, reference), rel_err_vs_eager_torch=_rel(got, eager),
-                         latency_s=_timed(run, inputs))
+            entry.update(rel_err_vs_sprintjax=rel_err(got, reference), rel_err_vs_eager_torch=rel_err(got, eager),
+                         latency_s=timed(run, inputs))
         out[name] = entry
     return out
+
+
+def file_bytes(folder: Path, name: str) -> int:
+    """A model file's size, with ONNX's external weights file when it has one."""
+    return sum(p.stat().st_size for p in (folder / name, folder / (name + ".data")) if p.is_file())
 
 
 def format_report(report: dict) -> str:

@@ -1,0 +1,103 @@
+"""The whole on-device pipeline (issue 22): one ExecuTorch program with encode_text / generate / decode, the
+tokenizer files and ONNX models, against sprintjax's own pipeline recomputed here from its parts."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny
+
+from sprintjax.cli import main
+
+PROMPTS = ["a red circle to the left of a blue square", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A random student shaped for MiniLM captions (384) and the shapes autoencoder's latents (8 channels)."""
+    from sprintjax.convert import save_params
+    from sprintjax.model import SanaTransformer
+
+    cfg = tiny(in_channels=8, out_channels=8, caption_channels=384, guidance_embeds=True,
+               qk_norm="rms_norm_across_heads")
+    params = SanaTransformer(cfg).init(jax.random.key(3))
+    path = tmp_path_factory.mktemp("mobile") / "student"
+    save_params(path, params, cfg)
+    return path, params, cfg
+
+
+def test_pipeline_program_runs_token_ids_to_image_like_sprintjax(student, tmp_path, capsys):
+    """An instruction makes the encoder's token selection non-trivial (first token + last L-1 of T)."""
+    import torch
+    from executorch.runtime import Runtime
+    from transformers import AutoTokenizer
+
+    from sprintjax import autoencoder, trigflow
+    from sprintjax.data.prepare import TextEncoder, resolve_text_encoder
+    from sprintjax.model import SanaTransformer
+    from sprintjax.sampling import sample_latents
+
+    path, params, cfg = student
+    (tmp_path / "instruction.txt").write_text("Describe the scene: ")
+    out = tmp_path / "out"
+    argv = ["export-mobile", str(path), str(out), "--text-encoder", "minilm", "--vae", "builtin-ae",
+            "--caption-len", "6", "--instruction-file", str(tmp_path / "instruction.txt"), "--batch", "2",
+            "--weights", "float32", *sum((["--prompt", p] for p in PROMPTS), [])]
+    assert main(argv) == 0
+    assert "sana_sprint_pipeline_1step_float32.pte" in capsys.readouterr().out
+    report = json.loads((out / "export.json").read_text())
+    assert report["tokens"] > 6  # the instruction's tokens come before the caption's
+    pte, onnx = (report["programs"][f"sana_sprint_pipeline_1step_float32.{f}"] for f in ("pte", "onnx"))
+    assert onnx["rel_err"]["end_to_end"] < 1e-5 and pte["rel_err"]["end_to_end"] < 1e-3  # XNNPACK's kernels
+    assert pte["rel_err"]["caption_mask_equal"] and onnx["rel_err"]["caption_mask_equal"]
+
+    # independently of the report: the shipped tokenizer and the program, chained here, against sprintjax
+    texts = ["Describe the scene: " + p for p in PROMPTS]
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)(
+        texts, padding="max_length", max_length=report["tokens"], truncation=True, return_tensors="pt")
+    program = Runtime.get().load_program(str(out / "sana_sprint_pipeline_1step_float32.pte"))
+    assert set(program.method_names) == {"encode_text", "generate", "decode"}
+    caption, cmask = program.load_method("encode_text").execute([tok["input_ids"], tok["attention_mask"]])
+    noise = np.random.default_rng(1).standard_normal((1, 2, 8, 8, 8)).astype(np.float32)
+    latents = program.load_method("generate").execute([torch.from_numpy(noise), caption, cmask])[0]
+    image = program.load_method("decode").execute([latents])[0].numpy()
+
+    want_caption, want_mask = TextEncoder(resolve_text_encoder("minilm"), 6, "Describe the scene: ")(PROMPTS)
+    assert want_caption.shape == (2, 6, 384) and np.array_equal(cmask.numpy(), want_mask)
+    np.testing.assert_allclose(caption.numpy(), want_caption, atol=1e-4 * np.abs(want_caption).max())
+    want_latents = sample_latents(SanaTransformer(cfg), params, want_caption, want_mask.astype(np.float32), noise,
+                                  trigflow.schedule(1), 4.5)
+    want_image = autoencoder.decode_unit(autoencoder.load(), np.asarray(want_latents))
+    assert image.shape == (2, 32, 32, 3) and want_image.std() > 0.05
+    assert np.max(np.abs(image - want_image)) < 1e-3
+
+
+def test_pipeline_refusals_write_nothing(student, tmp_path, capsys):
+    path, _, _ = student
+    out = tmp_path / "out"
+    base = ["export-mobile", str(path), str(out), "--caption-len", "6", "--weights", "float32"]
+    cases = [
+        (["--vae", "builtin-ae"], "needs both --text-encoder and --vae"),
+        (["--text-encoder", "minilm", "--vae", "builtin-s2d"], "neither builtin-ae nor a diffusers AutoencoderDC"),
+        (["--text-encoder", "minilm", "--vae", "builtin-ae", "--max-bytes", "1000000"], "over the limit --max-bytes"),
+        (["--prompt", "x"], "apply to the whole pipeline"),
+        (["--max-bytes", "100000", "--formats", "onnx"], "the 1-step generator with float32 weights would hold"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not out.exists()
+
+
+def test_pipeline_refuses_an_encoder_the_model_was_not_trained_with(tmp_path, capsys):
+    from sprintjax.convert import save_params
+    from sprintjax.model import SanaTransformer
+
+    cfg = tiny(in_channels=8, out_channels=8)  # caption_channels 12, not MiniLM's 384
+    save_params(tmp_path / "ckpt", SanaTransformer(cfg).init(jax.random.key(0)), cfg)
+    argv = ["export-mobile", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--text-encoder", "minilm", "--vae",
+            "builtin-ae"]
+    assert main(argv) == 2
+    assert "384-wide embeddings" in capsys.readouterr().err and not (tmp_path / "out").exists()
