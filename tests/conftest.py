@@ -16,9 +16,9 @@ from sprintjax.model_config import ModelConfig  # noqa: E402
 
 # pytest-xdist hands tests to its two workers in collection order, one or two at a time (pyproject: -n 2
 # --maxschedchunk 1): the longest files go first so that no long test starts last and runs alone.
-LONGEST_FIRST = ("tests/test_export.py", "tests/test_mobile_pipeline.py", "tests/test_train.py", "notebooks/jvp_stability.ipynb",
-                 "notebooks/distill_step_walkthrough.ipynb", "tests/test_demo.py", "tests/test_control_training.py",
-                 "tests/test_aot.py", "tests/test_recover.py")
+LONGEST_FIRST = ("tests/test_export.py", "tests/test_mobile_pipeline.py", "tests/test_train.py",
+                 "notebooks/jvp_stability.ipynb", "notebooks/distill_step_walkthrough.ipynb", "tests/test_demo.py",
+                 "tests/test_control_training.py", "tests/test_aot.py", "tests/test_recover.py")
 
 
 def pytest_collection_modifyitems(items):

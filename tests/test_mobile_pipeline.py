@@ -2,7 +2,6 @@
 tokenizer files and ONNX models, against sprintjax's own pipeline recomputed here from its parts."""
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
