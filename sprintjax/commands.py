@@ -163,6 +163,32 @@ def cmd_sample(a):
     print(f"wrote {a.out}: latents {out.shape} (x0 / sigma_d, the VAE's scale)")
 
 
+def cmd_distill_text(a):
+    """Text-encoder distillation (sprintjax.text_distill) in front of a trained student."""
+    from sprintjax.convert.pipeline import read_source
+    from sprintjax.text_distill import distill_text_encoder
+
+    _refuse_existing(a.out, a.force)
+    if a.captions:
+        try:
+            captions = [c.strip() for c in Path(a.captions).read_text().splitlines() if c.strip()]
+        except OSError as e:
+            raise SprintjaxError(f"cannot read --captions {a.captions}: {e}") from None
+    else:
+        from sprintjax import shapes
+
+        captions = [sc.caption for sc in shapes.sample_images("train", a.shapes)[1]]
+    instruction = Path(a.instruction_file).read_text() if a.instruction_file else ""
+    source = read_source(a.src, a.part, a.step)
+    print(f"read {source.description}; {len(captions)} captions", flush=True)
+    report = distill_text_encoder(source.params, source.cfg.replace(dtype="float32", remat="none"), a.text_encoder,
+                                  captions, a.out, a.layers, a.caption_len, instruction, a.steps, a.batch, a.lr,
+                                  a.feature_weight, a.feature_blocks, a.guidance, a.seed, a.force,
+                                  log=lambda m: print(m, flush=True))
+    print(f"wrote {a.out}: {report['params']:,} parameters ({report['params'] / report['teacher_params']:.2f}x the "
+          f"large encoder's), layers {report['layers_kept']} kept")
+
+
 def cmd_compress(a):
     """Structured pruning (sprintjax.prune): sensitivities on held-out records, then the plan, or a given plan."""
     from sprintjax import prune

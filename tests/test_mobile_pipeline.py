@@ -100,3 +100,27 @@ def test_pipeline_refuses_an_encoder_the_model_was_not_trained_with(tmp_path, ca
             "builtin-ae"]
     assert main(argv) == 2
     assert "384-wide embeddings" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_dc_ae_decode_method_matches_diffusers_own_decoding(tmp_path):
+    """The decode method for a DC-AE folder: latents at the VAE's scale -> what SanaSprintPipeline returns as
+    numpy (latents / scaling_factor, AutoencoderDC.decode, VaeImageProcessor's postprocessing)."""
+    import torch
+    from diffusers import AutoencoderDC
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sprintjax import torch_ref
+    from sprintjax.convert.mobile_pipeline import decoder
+
+    torch_ref.tiny_encoders(tmp_path, latent_channels=4, hidden=16)
+    module, channels, factor, reference = decoder(str(tmp_path / "vae"))
+    assert (channels, factor) == (4, 2)
+    z = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    vae = AutoencoderDC.from_pretrained(tmp_path / "vae").eval()
+    with torch.no_grad():
+        decoded = vae.decode(torch.from_numpy(z) / vae.config.scaling_factor, return_dict=False)[0]
+        got = module(torch.from_numpy(z)).numpy()
+    want = VaeImageProcessor(vae_scale_factor=factor).postprocess(decoded, output_type="np")
+    assert got.shape == want.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(reference(z), want, atol=1e-6)
