@@ -8,10 +8,11 @@
    validation records at the 1/2/4-step times; its plan kept relative to the uncompressed student), recovered by
    distillation from the uncompressed student (configs/shapes.py:recover, --recover-steps iterations), then
    trained by sCM + LADD from the teacher (the demo's config with train.student_checkpoint, --ladd-steps).
-3. Per rung: parameters; the 1-step generator exported to ExecuTorch (XNNPACK, float32) and its file size;
-   FD and compositional score at 1 step (--num validation prompts, the shared noise) after recovery and after
-   sCM + LADD; the generators' latencies, batch 1, 2 threads, median of --repeats rounds run interleaved
-   across all rungs in this process, after everything else (--out/ladder.md, ladder.json).
+3. Per rung: parameters; the whole 1-step pipeline (MiniLM, the generator, the shapes autoencoder) exported as
+   one ExecuTorch program (XNNPACK, float32; `export-mobile --text-encoder --vae`) and its file size; FD and
+   compositional score at 1 step (--num validation prompts, the shared noise) after recovery and after
+   sCM + LADD; the latency of each method, batch 1, 2 threads, median of --repeats rounds run interleaved
+   across all rungs and methods in this process, after everything else (--out/ladder.md, ladder.json).
 """
 
 from __future__ import annotations
@@ -99,44 +100,57 @@ def quality(args, path: Path, name: str) -> dict:
 
 
 def exported(args, path: Path, name: str) -> Path:
-    """The 1-step float32 generator as an ExecuTorch program (checked in its runtime against sprintjax)."""
+    """The rung's whole 1-step float32 pipeline (MiniLM, the generator, the shapes autoencoder) as one ExecuTorch
+    program (each method checked in its runtime against sprintjax)."""
     from sprintjax.convert import load_model
-    from sprintjax.convert.mobile import export_mobile
+    from sprintjax.convert.mobile_pipeline import export_pipeline
 
-    out = args.out / "mobile" / name
+    out = args.out / "pipeline" / name
     if not (out / "export.json").is_file():
         params, cfg = load_model(path)
-        export_mobile(params, cfg, out, steps=(1,), caption_len=16, weights=("float32",), formats=("pte",),
-                      force=True, log=lambda m: None)
-    return out / "sana_sprint_1step_float32.pte"
+        export_pipeline(params, cfg, out, "minilm", "builtin-ae", steps=(1,), caption_len=16, weights=("float32",),
+                        formats=("pte",), force=True, log=lambda m: None)
+    return out / "sana_sprint_pipeline_1step_float32.pte"
 
 
-def latencies(programs: dict[str, Path], repeats: int, threads: int) -> dict[str, float]:
-    """Median seconds of each program's forward, batch 1, rounds interleaved across programs."""
+def latencies(programs: dict[str, Path], repeats: int, threads: int) -> dict[str, dict[str, float]]:
+    """Median seconds of each program's three methods, batch 1, rounds interleaved across programs and methods."""
     import numpy as np
+    import torch
     from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+    from transformers import AutoTokenizer
 
-    from sprintjax.convert.mobile import pte_runner
+    from sprintjax.convert.mobile_pipeline import METHODS
 
     _unsafe_reset_threadpool(threads)
     assert _threadpool_get_thread_count() == threads
-    runs, inputs = {}, {}
+    runs = {}
     for name, pte in programs.items():
         report = json.loads((pte.parent / "export.json").read_text())
+        tok = AutoTokenizer.from_pretrained(pte.parent / "tokenizer", local_files_only=True)(
+            report["prompts"][:1], padding="max_length", max_length=report["tokens"], return_tensors="pt")
+        program = Runtime.get().load_program(str(pte))
+        method = {m: program.load_method(m) for m in METHODS}
         c, h, w = report["latent"]
-        length, width = report["caption"]
-        rng = np.random.default_rng(0)
-        inputs[name] = [rng.standard_normal((1, 1, c, h, w)).astype(np.float32),
-                        rng.standard_normal((1, length, width)).astype(np.float32), np.ones((1, length), np.float32)]
-        runs[name] = pte_runner(pte)
-        runs[name](inputs[name])  # load and warm up
+        noise = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 1, c, h, w)).astype(np.float32))
+        caption = method["encode_text"].execute([tok["input_ids"], tok["attention_mask"]])
+        latents = method["generate"].execute([noise, *caption])
+        inputs = {"encode_text": [tok["input_ids"], tok["attention_mask"]], "generate": [noise, *caption],
+                  "decode": list(latents)}
+        for m in METHODS:
+            runs[(name, m)] = (lambda m=m, method=method, inputs=inputs: method[m].execute(inputs[m]))
+            runs[(name, m)]()  # warm up
     times = {k: [] for k in runs}
     for _ in range(repeats):
-        for name, run in runs.items():
+        for key, run in runs.items():
             t0 = time.perf_counter()
-            run(inputs[name])
-            times[name].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+            run()
+            times[key].append(time.perf_counter() - t0)
+    out = {name: {} for name in programs}
+    for (name, m), v in times.items():
+        out[name][m] = float(np.median(v))
+    return out
 
 
 def main(argv=None) -> None:
@@ -178,20 +192,23 @@ def write(args, rows: list, lat: dict) -> None:
     import platform
 
     base = rows[0]
-    lines = ["| rung | blocks / cross heads / FFN ch. | parameters | .pte | generator latency (ms) | FD | "
-             "compositional | FD after recovery only |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| rung | blocks / cross heads / FFN ch. | parameters | pipeline .pte | generator latency (ms) | "
+             "text / decode (ms) | FD | compositional | FD after recovery only |",
+             "|---|---|---|---|---|---|---|---|---|"]
     table = []
     for r in rows:
         q, rec = r["quality"], r.get("quality_recovered")
         entry = {"rung": r["rung"], "blocks": r["blocks"], "cross_heads": r["heads"], "ffn_channels": r["channels"],
                  "params": r["params"], "params_ratio": r["params"] / base["params"], "pte_bytes": r["bytes"],
-                 "latency_s": lat[r["rung"]], "latency_ratio": lat[r["rung"]] / lat[base["rung"]], "fd": q["fd"],
+                 "latency_s": lat[r["rung"]]["generate"], "methods_latency_s": lat[r["rung"]],
+                 "latency_ratio": lat[r["rung"]]["generate"] / lat[base["rung"]]["generate"], "fd": q["fd"],
                  "compositional": q["compositional"], "fd_recovered_only": rec["fd"] if rec else None,
                  "compositional_recovered_only": rec["compositional"] if rec else None}
         table.append(entry)
         lines.append(f"| {r['rung']} | {r['blocks']} / {r['heads']} / {r['channels']} | {r['params']:,} "
                      f"({entry['params_ratio']:.2f}x) | {r['bytes'] / 2**20:.2f} MiB | {1e3 * entry['latency_s']:.3f} "
-                     f"({entry['latency_ratio']:.2f}x) | {q['fd']:.2f} | {q['compositional']:.3f} | "
+                     f"({entry['latency_ratio']:.2f}x) | {1e3 * lat[r['rung']]['encode_text']:.3f} / "
+                     f"{1e3 * lat[r['rung']]['decode']:.3f} | {q['fd']:.2f} | {q['compositional']:.3f} | "
                      f"{'-' if not rec else format(rec['fd'], '.2f')} |")
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").is_file() else ""

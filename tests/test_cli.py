@@ -91,7 +91,7 @@ def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "sprintjax.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
     for cmd in ("import-diffusers", "export-diffusers", "sample", "info", "demo", "check-parity", "train",
-                "train-teacher", "prepare-data", "eval", "compile", "export-mobile", "compress"):
+                "train-teacher", "prepare-data", "eval", "compile", "export-mobile", "compress", "distill-text"):
         assert cmd in out
 
 
