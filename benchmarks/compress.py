@@ -1,13 +1,14 @@
 """The compression ladder of the Sprint student on the shapes miniature (issue 22; not in CI).
 
-    python benchmarks/compress.py                         # resumable: finished rungs and runs are reused
-    python benchmarks/compress.py --ladd-steps 0 --out D  # recovery only (not yet run as a whole ladder)
+    python benchmarks/compress.py          # recovery only; resumable: finished rungs and runs are reused
+    python benchmarks/compress.py --ladd-steps 240 --out runs/bench/compress_ladd   # + sCM + LADD per rung
 
 1. The uncompressed student: the demo's distillation (configs/shapes.py, 240 iterations, seed 0) -> --out/student.
 2. Each rung is cut from the previous rung's final weights (`sprintjax compress`: sensitivities on 64 held-out
    validation records at the 1/2/4-step times; its plan kept relative to the uncompressed student), recovered by
-   distillation from the uncompressed student (configs/shapes.py:recover, --recover-steps iterations), then
-   trained by sCM + LADD from the teacher (the demo's config with train.student_checkpoint, --ladd-steps).
+   distillation from the uncompressed student (configs/shapes.py:recover, --recover-steps iterations), and with
+   --ladd-steps > 0 then trained by sCM + LADD from the teacher (the demo's config with
+   train.student_checkpoint; measured worse at every rung, BENCHMARKS.md §8, so off by default).
 3. Per rung: parameters; the whole 1-step pipeline (MiniLM, the generator, the shapes autoencoder) exported as
    one ExecuTorch program (XNNPACK, float32; `export-mobile --text-encoder --vae`) and its file size; FD and
    compositional score at 1 step (--num validation prompts, the shared noise) after recovery and after
@@ -161,7 +162,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", type=Path, default=REPO / "runs" / "shapes_ae_data")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "compress")
     p.add_argument("--recover-steps", type=int, default=600)
-    p.add_argument("--ladd-steps", type=int, default=240, help="sCM + LADD iterations after recovery (0: none)")
+    p.add_argument("--ladd-steps", type=int, default=0, help="sCM + LADD iterations after recovery (0: none)")
     p.add_argument("--num", type=int, default=500, help="validation prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=50, help="latency rounds")
@@ -183,7 +184,7 @@ def main(argv=None) -> None:
         if row["recovered"] is not None and row["recovered"] != row["final"]:
             row["quality_recovered"] = quality(args, row["recovered"], row["rung"] + "_recovered")
         row["bytes"] = row["pte"].stat().st_size
-    print("timing the generators (nothing else should run now) ...", flush=True)
+    print("timing every method (nothing else should run now) ...", flush=True)
     lat = latencies({r["rung"]: r["pte"] for r in rows}, args.repeats, args.threads)
     write(args, rows, lat)
 

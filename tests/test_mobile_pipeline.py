@@ -51,6 +51,7 @@ def test_pipeline_program_runs_token_ids_to_image_like_sprintjax(student, tmp_pa
     pte, onnx = (report["programs"][f"sana_sprint_pipeline_1step_float32.{f}"] for f in ("pte", "onnx"))
     assert onnx["rel_err"]["end_to_end"] < 1e-5 and pte["rel_err"]["end_to_end"] < 1e-3  # XNNPACK's kernels
     assert pte["rel_err"]["caption_mask_equal"] and onnx["rel_err"]["caption_mask_equal"]
+    assert onnx["rel_err_vs_torch"]["end_to_end"] < 1e-5 and pte["rel_err_vs_torch"]["end_to_end"] < 1e-3
 
     # independently of the report: the shipped tokenizer and the program, chained here, against sprintjax
     texts = ["Describe the scene: " + p for p in PROMPTS]

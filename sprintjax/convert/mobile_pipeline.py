@@ -94,7 +94,7 @@ def decoder(vae: str):
 
     if not Path(vae).is_dir():
         raise SprintjaxError(f"--vae {vae}: neither builtin-ae nor a diffusers AutoencoderDC folder")
-    model = AutoencoderDC.from_pretrained(vae, local_files_only=True).eval()
+    model = AutoencoderDC.from_pretrained(vae, local_files_only=True, use_safetensors=True).eval()
 
     class DecodeDC(nn.Module):
         def __init__(self):
@@ -241,23 +241,29 @@ def _export_program(params, cfg, folder: Path, steps, weights, formats, guidance
         mobile.check_size(nbytes, max_bytes, name if len(parts) == 1 else f"{stem}'s ONNX models", written=True)
         entry = {"files": parts, "steps": steps, "weights": weights, "bytes": nbytes}
         if ref is not None:
-            entry.update(_verify({m: make() for m, make in runners.items()}, tokens, noise, ref, name))
+            eager = {"caption": caption.numpy(), "latents": latents.numpy(), "image": image.numpy()}
+            entry.update(_verify({m: make() for m, make in runners.items()}, tokens, noise, ref, eager, name))
         out[name] = entry
     return out
 
 
-def _verify(run: dict, tokens, noise, ref: dict, name: str) -> dict:
-    """Each method on the reference's own inputs, then the chain token ids -> image, against sprintjax."""
+def _verify(run: dict, tokens, noise, ref: dict, eager: dict, name: str) -> dict:
+    """Each method on the reference's own inputs, then the chain token ids -> image, against sprintjax; the
+    chain's outputs also against the eager PyTorch modules the program was exported from."""
     caption, cmask = run["encode_text"](list(tokens))
     latents = run["generate"]([noise, ref["caption"], ref["caption_mask"]])[0]
     image = run["decode"]([ref["latents"]])[0]
-    chain = run["decode"]([run["generate"]([noise, caption, cmask])[0]])[0]
+    chain_latents = run["generate"]([noise, caption, cmask])[0]
+    chain = run["decode"]([chain_latents])[0]
     finite_output(chain, f"{name}'s methods chained from token ids", FINITE_IN)
     return {"rel_err": {"encode_text": mobile.rel_err(caption, ref["caption"]),
                         "caption_mask_equal": bool(np.array_equal(cmask, ref["caption_mask"])),
                         "generate": mobile.rel_err(latents, ref["latents"]),
                         "decode": mobile.rel_err(image, ref["image"]),
                         "end_to_end": mobile.rel_err(chain, ref["image"])},
+            "rel_err_vs_torch": {"encode_text": mobile.rel_err(caption, eager["caption"]),
+                                 "generate": mobile.rel_err(chain_latents, eager["latents"]),
+                                 "end_to_end": mobile.rel_err(chain, eager["image"])},
             "latency_s": {"encode_text": mobile.timed(run["encode_text"], list(tokens)),
                           "generate": mobile.timed(run["generate"], [noise, caption, cmask]),
                           "decode": mobile.timed(run["decode"], [latents])}}
