@@ -58,11 +58,11 @@ def latencies(folders: dict, out: Path, repeats: int, threads: int) -> tuple[dic
     """(median seconds of encode_text per encoder, parameters per encoder); rounds interleaved."""
     import numpy as np
     import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime
 
+    from sprintjax.convert.mobile import xnnpack_partitioner
     from sprintjax.convert.mobile_pipeline import text_module
     from sprintjax.data.prepare import TextEncoder
 
@@ -75,7 +75,7 @@ def latencies(folders: dict, out: Path, repeats: int, threads: int) -> tuple[dic
         args = (tok["input_ids"], tok["attention_mask"])
         with torch.no_grad():
             program = torch.export.export(text_module(enc), args)
-        et = to_edge_transform_and_lower({"encode_text": program}, partitioner=[XnnpackPartitioner()]).to_executorch()
+        et = to_edge_transform_and_lower({"encode_text": program}, partitioner=[xnnpack_partitioner()]).to_executorch()
         path = out / "pte" / f"{name}_encode_text.pte"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(et.buffer)

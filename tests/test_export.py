@@ -119,7 +119,8 @@ def test_export_mobile_runs_in_executorch_and_onnxruntime_like_sprintjax(exporte
     assert sorted(arts) == sorted([f"sana_sprint_2step_{w}.onnx" for w in ("float32", "int8")]
                                   + [f"sana_sprint_1step_{w}.pte" for w in ("float32", "int8")])
     assert arts["sana_sprint_2step_float32.onnx"]["rel_err_vs_sprintjax"] < 1e-5
-    assert arts["sana_sprint_1step_float32.pte"]["rel_err_vs_sprintjax"] < 1e-3  # XNNPACK's own float32 kernels
+    # XNNPACK as ONNX: a tanh-GELU lowered to XNNPACK's exact GELU would show here (1e-4; mobile.xnnpack_partitioner)
+    assert arts["sana_sprint_1step_float32.pte"]["rel_err_vs_sprintjax"] < 1e-5
     for name in ("sana_sprint_1step_int8.pte", "sana_sprint_2step_int8.onnx"):  # a bounded deviation, not broken
         assert 1e-5 < arts[name]["rel_err_vs_sprintjax"] < 5e-2
     assert main(["export-mobile", str(wd), str(tmp_path / "pte")]) == 2  # exists

@@ -217,11 +217,10 @@ def _export_program(params, cfg, folder: Path, steps, weights, formats, guidance
         programs = {m: torch.export.export(modules[m], args[m]) for m in METHODS}
     files = {}
     if "pte" in formats:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
         log(f"  lowering to {stem}.pte ...")
-        et = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()]).to_executorch()
+        et = to_edge_transform_and_lower(programs, partitioner=[mobile.xnnpack_partitioner()]).to_executorch()
         (folder / f"{stem}.pte").write_bytes(et.buffer)
         files[f"{stem}.pte"] = {m: (lambda m=m: mobile.pte_runner(folder / f"{stem}.pte", m, first=False))
                                 for m in METHODS}
