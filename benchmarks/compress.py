@@ -9,6 +9,8 @@
    distillation from the uncompressed student (configs/shapes.py:recover, --recover-steps iterations), and with
    --ladd-steps > 0 then trained by sCM + LADD from the teacher (the demo's config with
    train.student_checkpoint; measured worse at every rung, BENCHMARKS.md §8, so off by default).
+   The token rungs (TOKEN_RUNGS) insert a token sampler (`compress --token-sampler`, sprintjax.tokens) into the
+   student or a pruned rung and are recovered the same way; `--rungs pruning` or `--rungs tokens` runs one kind.
 3. Per rung: parameters; the whole 1-step pipeline (MiniLM, the generator, the shapes autoencoder) exported as
    one ExecuTorch program (XNNPACK, float32; `export-mobile --text-encoder --vae`) and its file size; FD and
    compositional score at 1 step (--num validation prompts, the shared noise) after recovery and after
@@ -26,11 +28,16 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = Path(__file__).resolve().parents[1]
-RUNGS = (  # name, blocks, cross-attention heads, Mix-FFN channels (the student: 4, 3, 240)
+RUNGS = (  # name, blocks, cross-attention heads, Mix-FFN channels (the student: 4, 3, 240), each cut from the last
     ("ffn_half", 4, 3, 120),
     ("3_blocks", 3, 2, 120),
     ("2_blocks", 2, 2, 96),
     ("2_blocks_1_head", 2, 1, 48),
+)
+TOKEN_RUNGS = (  # name, the rung it is cut from, DOWN:UP: a token sampler with blocks DOWN..UP-1 on the half grid
+    ("tokens_1_3", "student", "1:3"),
+    ("tokens_0_3", "student", "0:3"),
+    ("3_blocks_tokens_0_2", "3_blocks", "0:2"),
 )
 
 
@@ -63,16 +70,15 @@ def student(args) -> Path:
     return export(work, "student", args.out / "student")
 
 
-def rung(args, source: Path, previous: Path, name: str, blocks: int, heads: int, channels: int) -> dict:
-    """Cut, recover, sCM + LADD; returns the rung's checkpoints."""
+def rung(args, source: Path, previous: Path, name: str, cut: list[str]) -> dict:
+    """Cut (`sprintjax compress` with the `cut` options), recover, sCM + LADD; returns the rung's checkpoints."""
     from sprintjax.cli import main as cli
     from sprintjax.train import train
 
     folder = args.out / name
     pruned = folder / "pruned"
     if not (pruned / "model_config.json").is_file():
-        code = cli(["compress", str(previous), str(pruned), "--data", str(args.data), "--held-out", "64",
-                    "--num-layers", str(blocks), "--cross-heads", str(heads), "--ffn-channels", str(channels),
+        code = cli(["compress", str(previous), str(pruned), "--data", str(args.data), "--held-out", "64", *cut,
                     "--force"])
         if code:
             raise SystemExit(f"compress failed for rung {name}")
@@ -167,18 +173,25 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=50, help="latency rounds")
     p.add_argument("--threads", type=int, default=2, help="ExecuTorch threads")
+    p.add_argument("--rungs", default="pruning,tokens", help="which ladders: pruning (RUNGS), tokens (TOKEN_RUNGS)")
     args = p.parse_args(argv)
 
     source = student(args)
     rows = [{"rung": "student", "final": source, "recovered": None}]
     previous = source
-    for name, blocks, heads, channels in RUNGS:
-        r = rung(args, source, previous, name, blocks, heads, channels)
+    for name, blocks, heads, channels in RUNGS if "pruning" in args.rungs.split(",") else ():
+        cut = ["--num-layers", str(blocks), "--cross-heads", str(heads), "--ffn-channels", str(channels)]
+        r = rung(args, source, previous, name, cut)
         rows.append({"rung": name, **r})
         previous = r["final"]
+    for name, base, spec in TOKEN_RUNGS if "tokens" in args.rungs.split(",") else ():
+        cut_from = next((r["final"] for r in rows if r["rung"] == base), None)
+        if cut_from is not None:
+            rows.append({"rung": name, **rung(args, source, cut_from, name, ["--token-sampler", spec])})
     for row in rows:
         params, cfg = load_model(row["final"])
-        row.update(params=count_params(params), blocks=cfg.num_layers, heads=cfg.num_cross_attention_heads,
+        half = f" + blocks {cfg.token_down}..{cfg.token_up - 1} on 1/4 tokens" if cfg.token_sampler else ""
+        row.update(params=count_params(params), blocks=f"{cfg.num_layers}{half}", heads=cfg.num_cross_attention_heads,
                    channels=cfg.mlp_hidden, quality=quality(args, row["final"], row["rung"]),
                    pte=exported(args, row["final"], row["rung"]))
         if row["recovered"] is not None and row["recovered"] != row["final"]:

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--channel-group", type=int, default=1, help="FFN channels ablated together when measuring")
     s.add_argument("--guidance", type=float, default=4.5, help="embedded guidance scale while measuring")
     s.add_argument("--plan", help="apply this prune_plan.json instead of measuring")
+    s.add_argument("--token-sampler", metavar="DOWN:UP", help="insert a token down-sampler before block DOWN and an "
+                   "up-sampler before block UP (0-based, of the pruned model): those blocks run on a quarter of the "
+                   "tokens; the result exports to mobile formats only")
     s.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     s.set_defaults(fn=commands.cmd_compress)
 

@@ -197,21 +197,25 @@ def cmd_compress(a):
     from sprintjax.model import SanaTransformer, count_params
 
     _refuse_existing(a.out, a.force)
-    plan = None
+    plan, sized = None, a.num_layers or a.cross_heads or a.ffn_channels
     if a.plan:
         try:
             plan = prune.PrunePlan.from_json(Path(a.plan).read_text())
         except OSError as e:
             raise SprintjaxError(f"cannot read --plan {a.plan}: {e}") from None
-    elif not a.data:
+    elif not a.data and (sized or not a.token_sampler):
         raise SprintjaxError("give --data (prepared records: their validation split is the held-out set) or --plan")
     source = read_source(a.src, a.part, a.step)
     if source.controlnet is not None:
         raise SprintjaxError(f"{a.src} was distilled with a ControlNet, whose blocks copy the student's: pruning "
                              "a controlled student is not supported")
     cfg = source.cfg.replace(dtype="float32", remat="none")
+    if cfg.token_sampler:
+        raise SprintjaxError(f"{a.src} has a token sampler: it is the ladder's last rung (prune before inserting it)")
     print(f"read {source.description}: {count_params(source.params):,} parameters", flush=True)
     sens = None
+    if plan is None and a.token_sampler and not sized:
+        plan = prune.PrunePlan.full(cfg)  # only the token sampler: nothing to measure
     if plan is None:
         sizes = (a.num_layers or cfg.num_layers, a.cross_heads or cfg.num_cross_attention_heads,
                  a.ffn_channels or cfg.mlp_hidden)
@@ -225,6 +229,10 @@ def cmd_compress(a):
                                    guidance_scale=a.guidance, log=lambda m: print(m, flush=True))
         plan = prune.select(cfg, sens, *sizes)
     params, small_cfg = prune.prune(source.params, cfg, plan)
+    if a.token_sampler:
+        from sprintjax.tokens import insert
+
+        params, small_cfg = insert(params, small_cfg, a.token_sampler)
     earlier = Path(a.src) / "prune_plan.json"  # a pruned source: the plan stays relative to the uncompressed one
     if earlier.is_file():
         plan = prune.compose(prune.PrunePlan.from_json(earlier.read_text()), plan)
@@ -234,7 +242,9 @@ def cmd_compress(a):
     save_params(a.out, params, small_cfg, force=a.force, extra=extra)
     before, after = count_params(source.params), count_params(SanaTransformer(small_cfg).param_shapes())
     print(f"blocks {cfg.num_layers} -> {small_cfg.num_layers}, cross-attention heads {cfg.num_cross_attention_heads}"
-          f" -> {small_cfg.num_cross_attention_heads}, Mix-FFN channels {cfg.mlp_hidden} -> {small_cfg.mlp_hidden}")
+          f" -> {small_cfg.num_cross_attention_heads}, Mix-FFN channels {cfg.mlp_hidden} -> {small_cfg.mlp_hidden}"
+          + (f", blocks {small_cfg.token_down}..{small_cfg.token_up - 1} on the half token grid"
+             if small_cfg.token_sampler else ""))
     print(f"wrote {a.out}: {after:,} parameters ({after / before:.2f}x), prune_plan.json"
           f"{', sensitivities.json' if sens is not None else ''}")
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sprintjax import tokens as token_sampler
 from sprintjax.errors import ShapeError
 from sprintjax.layers import (
     MASK_BIAS,
@@ -134,6 +135,8 @@ class SanaTransformer:
         init_block = lambda k: block.init(k, tok, temb6, tok, ybias)["params"]
         params["transformer_blocks"] = jax.vmap(init_block)(jax.random.split(k_blocks, cfg.num_layers))
         params.update(Final(cfg).init(k_final, tok, tok[:, 0])["params"])
+        if cfg.token_sampler:
+            params.update(token_sampler.init(jax.random.fold_in(k_blocks, 1), cfg.hidden_size))
         return params
 
     def param_shapes(self) -> dict:
@@ -174,12 +177,14 @@ class SanaTransformer:
         tokens, temb6, cond, y = Embed(cfg).apply({"params": {k: params[k] for k in EMBED_KEYS}},
                                                   x_nhwc, timestep, caption, guidance)
         tokens, y = constrain_batch(tokens), constrain_batch(y)
+        if control is not None and cfg.token_sampler:
+            raise ShapeError("a ControlNet does not drive a token-sampled transformer (its residuals are full-grid)")
         if control is not None and (control.ndim != 4 or control.shape[1:] != tokens.shape):
             raise ShapeError(f"ControlNet residuals must be [n, {', '.join(map(str, tokens.shape))}] (blocks, batch, "
                              f"tokens, hidden size), got {tuple(control.shape)}")
         y_bias = (1.0 - hi(caption_mask)) * MASK_BIAS
-        tokens, feats = self._blocks(params["transformer_blocks"], tokens, temb6, y, y_bias, (hh, ww),
-                                     features_after, features_only, control)
+        tokens, feats = self._blocks(params, tokens, temb6, y, y_bias, (hh, ww), features_after, features_only,
+                                     control)
         if features_only:
             return None, {"cond": cond, "features": feats}
         out = Final(cfg).apply({"params": {k: params[k] for k in FINAL_KEYS}}, tokens, cond)
@@ -188,9 +193,11 @@ class SanaTransformer:
         out = hi(out.reshape(b, cfg.out_ch, hh * p, ww * p))
         return out, {"cond": cond, "features": feats}
 
-    def _blocks(self, stacked, tokens, temb6, y, y_bias, hw, features_after, features_only=False, control=None):
-        """The main blocks, split where a feature is read or a ControlNet residual starts or stops."""
-        n_layers, n_ctrl = self.config.num_layers, 0 if control is None else control.shape[0]
+    def _blocks(self, params, tokens, temb6, y, y_bias, hw, features_after, features_only=False, control=None):
+        """The main blocks, split where a feature is read, a ControlNet residual starts or stops, or the token
+        sampler halves or restores the grid (features read inside the half grid are half-grid tokens)."""
+        cfg, stacked = self.config, params["transformer_blocks"]
+        n_layers, n_ctrl = cfg.num_layers, 0 if control is None else control.shape[0]
         for end in features_after:
             if not 0 <= end < n_layers:
                 raise ShapeError(f"feature layer {end} outside 0..{n_layers - 1}")
@@ -199,12 +206,21 @@ class SanaTransformer:
                              f"(its residuals follow blocks 1..{n_ctrl}), this one has {n_layers}")
         last = max(features_after) + 1 if features_only and features_after else n_layers
         cuts = {0, last} | {f + 1 for f in features_after} | ({1, n_ctrl + 1} if n_ctrl else set())
+        cuts |= {cfg.token_down, cfg.token_up} if cfg.token_sampler else set()
         cuts = sorted(c for c in cuts if c <= last)
-        feats = {}
-        for start, stop in itertools.pairwise(cuts):
+        feats, grid, held = {}, hw, None  # held: (full-grid tokens, half-grid input) between down and up
+        for start, stop in itertools.pairwise([*cuts, None]):
+            if cfg.token_sampler and start == cfg.token_down:
+                held = (tokens, token_sampler.down(params["token_down"], tokens, hw, cfg.dtype))
+                tokens, grid = held[1], token_sampler.half(hw)
+            if cfg.token_sampler and start == cfg.token_up:
+                tokens = token_sampler.up(params["token_up"], tokens, held[1], held[0], hw, cfg.dtype)
+                grid = hw
+            if stop is None:
+                break
             # diffusers' controlnet_block_samples: sample k-1 is added after block k, for 1 <= k <= n_ctrl
             res = control[start - 1:stop - 1] if n_ctrl and 1 <= start and stop <= n_ctrl + 1 else None
-            tokens = self.run_blocks(stacked, tokens, start, stop, temb6, y, y_bias, hw, residuals=res)[0]
+            tokens = self.run_blocks(stacked, tokens, start, stop, temb6, y, y_bias, grid, residuals=res)[0]
             if stop - 1 in features_after:
                 feats[stop - 1] = tokens
         return tokens, [feats[i] for i in features_after]

@@ -3,6 +3,8 @@
 The diffusers fields keep diffusers' names and defaults so that a `config.json` converts both ways without a
 dictionary of renames. The sprintjax fields (`dtype`, `remat`, `zero3_blocks`, `scan_layers`) say how the same
 function is computed; they never change what it computes in float32 and are not written to a diffusers config.
+The one architecture extension, the token sampler (`token_down`, `token_up`: `sprintjax.tokens`), is not a
+diffusers architecture: a config that uses it has no diffusers form and is exported to mobile formats only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ DTYPES = ("float32", "bfloat16", "float64")
 REMAT_POLICIES = ("none", "full", "dots")
 ZERO3_BLOCKS = ("auto", "on", "off")
 COMPUTE_FIELDS = ("dtype", "remat", "zero3_blocks", "scan_layers")  # sprintjax-only fields: how, not what, is computed
+TOKEN_FIELDS = ("token_down", "token_up")  # sprintjax-only architecture: the token sampler (sprintjax.tokens)
 TRANSFORMER_CLASS = "SanaTransformer2DModel"
 CONTROLNET_CLASS = "SanaControlNetModel"  # diffusers' ControlNet: no guidance embedder, QK-norm or timestep scale
 SPRINT_CONTROLNET_CLASS = "SanaSprintControlNetModel"  # one that has them (sprintjax.convert.torch_controlnet)
@@ -59,6 +62,10 @@ class ModelConfig:
     # items 9 and 13
     zero3_blocks: str = "auto"
     scan_layers: bool = True  # lax.scan over the blocks (compile time flat in depth) or an unrolled loop
+    # --- sprintjax architecture extension: blocks token_down..token_up-1 run on a half-size token grid (a token
+    # down-sampler before them, an up-sampler after; sprintjax.tokens); token_up = 0: none (diffusers' model) ---
+    token_down: int = 0
+    token_up: int = 0
 
     def __post_init__(self):
         problems = []
@@ -83,6 +90,11 @@ class ModelConfig:
             problems.append(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.zero3_blocks not in ZERO3_BLOCKS:
             problems.append(f"zero3_blocks must be one of {ZERO3_BLOCKS}, got {self.zero3_blocks!r}")
+        if self.token_up and not 0 <= self.token_down < self.token_up <= self.num_layers:
+            problems.append(f"the token sampler needs 0 <= token_down < token_up <= num_layers ({self.num_layers}), "
+                            f"got token_down={self.token_down}, token_up={self.token_up}")
+        elif not self.token_up and self.token_down:
+            problems.append("token_down without token_up: set token_up (0 disables the token sampler)")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
 
@@ -97,6 +109,10 @@ class ModelConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.mlp_ratio * self.hidden_size)  # GLUMBConv: int(expand_ratio * in_channels)
+
+    @property
+    def token_sampler(self) -> bool:
+        return self.token_up > 0
 
     @property
     def out_ch(self) -> int:
@@ -121,7 +137,7 @@ class ModelConfig:
         cls_name = cfg.get("_class_name", classes[0])
         if cls_name not in classes:
             raise ConfigError(f"expected a {' or '.join(classes)} config, found _class_name={cls_name!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - set(COMPUTE_FIELDS)
+        known = {f.name for f in dataclasses.fields(cls)} - set(COMPUTE_FIELDS) - set(TOKEN_FIELDS)
         if cls_name == CONTROLNET_CLASS:
             known -= set(_NOT_IN_CONTROLNET)
         fields = {k: v for k, v in cfg.items() if k not in _DIFFUSERS_META}
@@ -132,9 +148,14 @@ class ModelConfig:
 
     def to_diffusers(self, controlnet: bool = False) -> dict[str, Any]:
         """diffusers' config dict; a ControlNet's names diffusers' class unless it needs options that class
-        lacks (a guidance embedder, QK-norm: a Sprint student's), then sprintjax's PyTorch subclass."""
+        lacks (a guidance embedder, QK-norm: a Sprint student's), then sprintjax's PyTorch subclass. A
+        token-sampled model has none (ConfigError)."""
+        if self.token_sampler:
+            raise ConfigError(f"this model has a token sampler (blocks {self.token_down}..{self.token_up - 1} on a "
+                              "half-size token grid), which diffusers' SanaTransformer2DModel does not have: it is "
+                              "exported to mobile formats only (export-mobile)")
         d = dataclasses.asdict(self)
-        for k in COMPUTE_FIELDS:
+        for k in COMPUTE_FIELDS + TOKEN_FIELDS:
             d.pop(k)
         name = TRANSFORMER_CLASS
         if controlnet:

@@ -6,9 +6,10 @@ few-step sampler's times (facts §8; the times `prune.sensitivities` scores at),
     || f_small(x_t, t) - f_source(x_t, t) ||^2  +  feature_weight * mean_i ||h_i - g_{b_i}||^2 / ||g_{b_i}||^2
 with f the one-step denoiser (Eq. 4), h_i the output tokens of the pruned model's block i and g_{b_i} those of
 the source block it was cut from (the plan's `blocks`), each relative to the source's feature energy so the
-weight does not depend on the activations' scale. The guidance embedding is fed one of the distillation's
-`cfg_scales` per sample, as in sCM training. After recovery the pruned student can be distilled further by
-sCM + LADD (`train.student_checkpoint` in a distillation run).
+weight does not depend on the activations' scale; a block that runs on the token sampler's half grid
+(`sprintjax.tokens`) is compared with its source block's tokens pooled to that grid. The guidance embedding is
+fed one of the distillation's `cfg_scales` per sample, as in sCM training. After recovery the pruned student can
+be distilled further by sCM + LADD (`train.student_checkpoint` in a distillation run).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from sprintjax import trigflow
+from sprintjax import tokens, trigflow
 from sprintjax.errors import CheckpointError
 from sprintjax.flow import TeacherState, apply_step, make_teacher_optimizer
 from sprintjax.model import SanaTransformer
@@ -56,7 +57,7 @@ def pruned_student(rc) -> tuple[ModelConfig, PrunePlan]:
                               "compress` output")
     plan = PrunePlan.from_json((path / "prune_plan.json").read_text())
     cfg = read_model_config(path).replace(**rc.model.compute_settings())
-    if cfg != pruned_config(rc.model, plan):
+    if cfg.replace(token_down=0, token_up=0) != pruned_config(rc.model, plan):  # (+ its token sampler, if any)
         raise CheckpointError(f"{path} is not its prune_plan.json applied to config.model (the source student): "
                               f"{cfg} vs {pruned_config(rc.model, plan)}")
     return cfg, plan
@@ -105,6 +106,9 @@ class Recoverer:
         got, feats = denoised_with_features(self.model, params, x_t, t, cap, mask, g,
                                             tuple(range(len(self.plan.blocks))), sd)
         want, targets = jax.lax.stop_gradient((want, targets))
+        p = self.model.config.patch_size
+        hw = (x0.shape[2] // p, x0.shape[3] // p)
+        targets = [g_ if h.shape == g_.shape else tokens.pool(g_, hw) for h, g_ in zip(feats, targets, strict=True)]
         out_loss = jnp.mean(jnp.square(got - want))
         feat_loss = jnp.mean(jnp.stack([jnp.mean(jnp.square(h - g_)) / jnp.mean(jnp.square(g_))
                                         for h, g_ in zip(feats, targets, strict=True)]))

@@ -127,10 +127,18 @@ def torch_generator(params, cfg, steps: int, guidance: float = 4.5, weights: str
     if weights not in WEIGHTS:
         raise SprintjaxError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     cfg = cfg.replace(dtype="float32", remat="none")
-    state = params_to_state_dict(params, cfg, SanaTransformer(cfg).param_shapes())
-    model = SanaTransformer2DModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
+    base = cfg.replace(token_down=0, token_up=0)  # a token-sampled model: diffusers' model + the samplers
+    state = params_to_state_dict({k: v for k, v in params.items() if k not in ("token_down", "token_up")}, base,
+                                 SanaTransformer(base).param_shapes())
+    model = SanaTransformer2DModel(**{k: v for k, v in base.to_diffusers().items() if not k.startswith("_")})
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     model.eval()
+    if cfg.token_sampler:
+        from sprintjax.convert.torch_tokens import token_sampled
+
+        if controlnet is not None:
+            raise SprintjaxError("a token-sampled transformer takes no ControlNet")
+        model = token_sampled(model, params, cfg)
     cn = None if controlnet is None else torch_controlnet(*controlnet)
     WeightOnly, Generator = torch_modules()
     if weights != "float32":

@@ -173,6 +173,7 @@ def state_dict_to_params(state: dict[str, np.ndarray], cfg: ModelConfig, shapes:
 def params_to_state_dict(params: dict, cfg: ModelConfig, shapes: dict,
                          table: list[Row] = TABLE) -> dict[str, np.ndarray]:
     """sprintjax params -> diffusers state dict (numpy, contiguous), checked against `shapes`."""
+    cfg.to_diffusers()  # a model diffusers has no class for (a token sampler) is refused by name first
     missing, misshaped, state, seen = [], [], {}, set()
     for row in rows_for(cfg, table):
         seen.add(row.flax)
