@@ -3,7 +3,8 @@
     python benchmarks/mobile_full.py                  # ~30 min on 2 cores; resumable: written programs are reused
     python benchmarks/mobile_full.py --rungs student --repeats 3
 
-Per rung (the compression ladder's cuts at full size: blocks / cross-attention heads / Mix-FFN channels), the
+Per rung (the compression ladder's cuts at full size: blocks / cross-attention heads / Mix-FFN channels, and
+the token sampler: blocks DOWN..UP-1 on the half token grid, random sampler weights), the
 1-step generator (noise [1, 1, 32, 16, 16] and Gemma-2 caption embeddings [1, 300, 2304] in, latents out;
 sprintjax.convert.mobile's graph around diffusers' SanaTransformer2DModel, float32 weights) is exported to an
 ExecuTorch program (XNNPACK); the DC-AE decoder (diffusers AutoencoderDC with SANA's f32c32 config, random
@@ -27,12 +28,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RUNGS = {  # name: (blocks, cross-attention heads, Mix-FFN channels); the preset: 28 / 16 / 2880
+RUNGS = {  # name: (blocks, cross-attention heads, Mix-FFN channels[, token sampler DOWN:UP]); preset: 28 / 16 / 2880
     "student": (28, 16, 2880),
     "ffn_half": (28, 16, 1440),
     "3_4_blocks": (21, 16, 1440),
     "half_blocks": (14, 16, 1440),
     "half_blocks_half_heads": (14, 8, 720),
+    "tokens_2_26": (28, 16, 2880, "2:26"),  # blocks 2..25 on the 8x8 half grid (sprintjax.tokens)
+    "ffn_half_tokens_2_26": (28, 16, 1440, "2:26"),
 }
 DC_AE = dict(  # SANA's dc-ae-f32c32-sana-1.0 as a diffusers AutoencoderDC (its conversion script's settings)
     in_channels=3, latent_channels=32, attention_head_dim=32,
@@ -52,9 +55,11 @@ def rung_config(name: str):
     from sprintjax.prune import PrunePlan, pruned_config
 
     cfg = preset("sana_sprint_600m", sample_size=LATENT, dtype="float32", remat="none")
-    blocks, heads, channels = RUNGS[name]
-    return pruned_config(cfg, PrunePlan(tuple(range(blocks)), ((*range(heads),),) * blocks,
-                                        ((*range(channels),),) * blocks))
+    blocks, heads, channels, *tokens = RUNGS[name]
+    cfg = pruned_config(cfg, PrunePlan(tuple(range(blocks)), ((*range(heads),),) * blocks,
+                                       ((*range(channels),),) * blocks))
+    down, up = (int(v) for v in tokens[0].split(":")) if tokens else (0, 0)
+    return cfg.replace(token_down=down, token_up=up)
 
 
 def generator_inputs(cfg):
@@ -75,7 +80,19 @@ def export_generator(name: str, path: Path) -> int:
 
     cfg = rung_config(name)
     torch.manual_seed(0)
-    model = SanaTransformer2DModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}).eval()
+    base = cfg.replace(token_down=0, token_up=0)
+    model = SanaTransformer2DModel(**{k: v for k, v in base.to_diffusers().items() if not k.startswith("_")}).eval()
+    if cfg.token_sampler:  # random sampler weights (the output convs too: zeros would be as fast, but unusual)
+        import jax
+        import numpy as np
+
+        from sprintjax import tokens
+        from sprintjax.convert.torch_tokens import token_sampled
+
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(lambda a: 0.02 * rng.standard_normal(a.shape).astype(np.float32),
+                              tokens.init(jax.random.key(0), cfg.hidden_size))
+        model = token_sampled(model, params, cfg)
     n = sum(p.numel() for p in model.parameters())
     if not path.is_file():
         _, Generator = torch_modules()
