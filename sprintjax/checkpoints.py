@@ -154,9 +154,6 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
     with the ControlNet's config; a recover-stage run: the pruned student's). The model config comes from the
     run's config.json.
     """
-    import ml_collections
-
-    from sprintjax.configlib import resolve
     from sprintjax.errors import CheckpointError
 
     workdir = Path(workdir)
@@ -170,7 +167,7 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
     problems = verify(step_dir)
     if problems:
         raise CheckpointError(f"checkpoint {step_dir} is corrupt: {'; '.join(problems[:3])}")
-    rc = resolve(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
+    cfg = run_model_config(workdir, part)
     ckpt = ocp.StandardCheckpointer()
     tree = ckpt.restore((step_dir / "state").absolute())
     ckpt.close()
@@ -180,24 +177,36 @@ def trained_params(workdir: str | Path, part: str = "student", step: int | None 
             raise CheckpointError(f"{workdir} is not a distillation run (no student in its state)")
         if which == "ema" and not tree.get("ema"):
             raise CheckpointError(f"{workdir} kept no EMA of the student (distill.ema_decay unset)")
-        student_cfg = _student_config(workdir, rc) or rc.model.replace(guidance_embeds=True)
-        if not control:
-            return tree[which]["net"], student_cfg, step
-        if "control" not in tree[which]:
+        if control and "control" not in tree[which]:
             raise CheckpointError(f"{workdir} distilled no ControlNet (control.num_layers unset)")
-        from sprintjax.controlnet import controlnet_config
-
-        return tree[which]["control"], controlnet_config(student_cfg, rc.control.num_layers), step
+        return tree[which]["control" if control else "net"], cfg, step
     if "params" not in tree:
         raise CheckpointError(f"{workdir} is not a teacher-stage run (no params in its state)")
-    cfg = rc.model
+    return tree.get("ema") or tree["params"], cfg, step  # the EMA weights when the run kept them
+
+
+def run_model_config(workdir: str | Path, part: str = "student"):
+    """The model config of `trained_params(workdir, part)`, from the run's config.json alone (no restore)."""
+    import ml_collections
+
+    from sprintjax.configlib import resolve
+
+    workdir = Path(workdir)
+    rc = resolve(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
+    if part in ("student", "ema", "student_control", "ema_control"):
+        student_cfg = _student_config(workdir, rc) or rc.model.replace(guidance_embeds=True)
+        if not part.endswith("_control"):
+            return student_cfg
+        from sprintjax.controlnet import controlnet_config
+
+        return controlnet_config(student_cfg, rc.control.num_layers)
     if rc.train.stage == "controlnet":
         from sprintjax.controlnet import controlnet_config
 
-        cfg = controlnet_config(rc.model, rc.control.num_layers)
-    elif rc.train.stage == "recover":  # the pruned student's config
-        cfg = _student_config(workdir, rc)
-    return tree.get("ema") or tree["params"], cfg, step  # the EMA weights when the run kept them
+        return controlnet_config(rc.model, rc.control.num_layers)
+    if rc.train.stage == "recover":  # the pruned student's config
+        return _student_config(workdir, rc)
+    return rc.model
 
 
 def _student_config(workdir: Path, rc):

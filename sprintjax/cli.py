@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=commands.cmd_distill_text)
 
     s = sub.add_parser("sample", help="few-step TrigFlow sampling of a checkpoint; writes latents as .npy")
-    s.add_argument("ckpt", help="sprintjax params checkpoint or diffusers folder (student or teacher)")
+    s.add_argument("ckpt", help="the model (student or teacher): training run, sprintjax params checkpoint, or "
+                   "diffusers folder")
+    s.add_argument("--step", type=int, help="checkpoint step of a training run (default: the latest)")
+    s.add_argument("--part", default="auto", choices=["auto", "student", "ema", "teacher"],
+                   help="of a training run: auto (the EMA if the run kept one, else the trained model), student, "
+                        "ema, or teacher (a distillation run's frozen teacher)")
     s.add_argument("--caption-embeds", required=True, help=".npy [B, L, caption_channels]")
     s.add_argument("--caption-mask", help=".npy [B, L] of 1 (token) / 0 (padding); default all ones")
     s.add_argument("--guidance", type=float, help="embedded guidance scale (students; default 4.5)")
@@ -132,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=commands.cmd_sample)
 
     s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
-    s.add_argument("what", help="a preset name (e.g. sana_sprint_600m), a config file.py:arg, or a params checkpoint")
+    s.add_argument("what", help="a preset name (e.g. sana_sprint_600m), a config file.py:arg, or a model (training "
+                   "run, params checkpoint, or diffusers folder)")
     s.set_defaults(fn=commands.cmd_info)
 
     def training_parser(name, help, config_help, fn):
@@ -174,11 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="benchmark a teacher and/or student on the shapes validation prompts")
     s.add_argument("--data", required=True, help="prepared shapes records (train + validation)")
-    s.add_argument("--teacher", help="teacher params checkpoint")
+    s.add_argument("--teacher", help="the teacher: training run, params checkpoint, or diffusers folder")
     s.add_argument("--teacher-steps", default="20,1", help="comma-separated Euler step counts (CFG 4.5)")
     s.add_argument("--teacher-trigflow-steps", default="",
                    help="comma-separated Euler step counts on the teacher's TrigFlow PF-ODE (Prop. 3.1; Table 1)")
-    s.add_argument("--student", help="student params checkpoint")
+    s.add_argument("--student", help="the student: training run (its EMA if kept), params checkpoint, or diffusers "
+                   "folder")
     s.add_argument("--student-steps", default="1,2,4", help="comma-separated few-step sampler step counts")
     s.add_argument("--teacher-controlnet", help="the teacher's ControlNet (records with control latents): adds "
                    "the edge-agreement score")

@@ -135,7 +135,7 @@ def cmd_sample(a):
         calls = int(sampler_times(a.steps, strength, a.t_mid).shape[0]) - 1
     except ValueError as e:
         raise SprintjaxError(str(e)) from None
-    cfg = model_config_of(a.ckpt, "checkpoint")
+    cfg = model_config_of(a.ckpt, "checkpoint", a.part)
     check_inputs(cfg, caption, mask, noise, calls)
     hw = None if noise is None else noise.shape[3:]
     for k, v in latents.items():
@@ -147,7 +147,7 @@ def cmd_sample(a):
         control_params, cn_cfg = load_controlnet(a.controlnet)
         check_pair(cfg, cn_cfg)
         controlnet = SanaControlNet(cn_cfg.replace(**cfg.compute_settings()))
-    params, cfg = load_model(a.ckpt, "checkpoint")
+    params, cfg = load_model(a.ckpt, "checkpoint", a.part, a.step)
     what = "image-to-image " if a.init_latents else ""
     print(f"sampling {caption.shape[0]} latents {what}in {calls} step(s){' with a ControlNet' * bool(controlnet)}"
           " ...", flush=True)
@@ -260,9 +260,9 @@ def cmd_info(a):
 
         cfg = model_config(load_config(a.what))
     else:
-        from sprintjax.convert.params_ckpt import read_model_config
+        from sprintjax.convert import model_config_of
 
-        cfg = read_model_config(a.what) if Path(a.what).is_dir() else preset(a.what)
+        cfg = model_config_of(a.what) if Path(a.what).is_dir() else preset(a.what)
     shapes = SanaTransformer(cfg).param_shapes()
     print(cfg.to_json())
     print(f"parameters: {count_params(shapes):,} ({count_params(shapes) / 1e6:.2f}M)")

@@ -12,8 +12,9 @@ import dataclasses
 import jax
 
 from sprintjax.configlib import ControlConfig, RunConfig
-from sprintjax.convert import diffusers_to_params, is_diffusers_folder, model_config_of
-from sprintjax.convert.params_ckpt import load_params, read_model_config
+from sprintjax.convert import diffusers_to_params, is_diffusers_folder, load_model, model_config_of
+from sprintjax.convert.params_ckpt import load_params
+from sprintjax.convert.source import kind_of
 from sprintjax.data import pipeline
 from sprintjax.errors import CheckpointError, ConfigError
 from sprintjax.flow import adapt_params
@@ -125,8 +126,9 @@ def frozen_params(rc: RunConfig, mesh, key):
         shardings = tree_shardings(teacher_shapes(rc), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
         alone = dataclasses.replace(rc, train=dataclasses.replace(rc.train, stage="teacher", student_checkpoint=""))
         teacher = frozen_params(alone, mesh, key)[0]
-        if is_diffusers_folder(rc.train.student_checkpoint):  # e.g. a recover run's export-diffusers
-            student = jax.device_put(diffusers_to_params(rc.train.student_checkpoint)[0], shardings["student"])
+        if kind_of(rc.train.student_checkpoint) != "params":  # a run or a diffusers folder: read whole, then placed
+            student = jax.device_put(load_model(rc.train.student_checkpoint, "train.student_checkpoint")[0],
+                                     shardings["student"])
         else:
             student = load_params(rc.train.student_checkpoint, student_config(rc), shardings["student"])[0]
         return {"teacher": teacher, "student": student}, shardings
@@ -134,11 +136,17 @@ def frozen_params(rc: RunConfig, mesh, key):
     shardings = tree_shardings(model.param_shapes(), mesh, rc.sharding.teacher_rules, rc.sharding.min_fsdp_size)
     if not rc.train.teacher_checkpoint:
         return jax.jit(model.init, out_shardings=shardings)(key), shardings
-    if is_diffusers_folder(rc.train.teacher_checkpoint):  # a diffusers transformer or pipeline folder
+    kind = kind_of(rc.train.teacher_checkpoint, "train.teacher_checkpoint")
+    if kind == "diffusers":  # a diffusers transformer or pipeline folder
         params, _ = diffusers_to_params(rc.train.teacher_checkpoint)
         return jax.device_put(params, shardings), shardings
-    src_cfg = read_model_config(rc.train.teacher_checkpoint).replace(**rc.model.compute_settings())
-    if src_cfg == rc.model:
+    src_cfg = model_config_of(rc.train.teacher_checkpoint).replace(**rc.model.compute_settings())
+    if kind == "run":  # a training run's trained model (read whole, then placed)
+        src = load_model(rc.train.teacher_checkpoint, "train.teacher_checkpoint")[0]
+        if src_cfg == rc.model:
+            return jax.device_put(src, shardings), shardings
+    elif src_cfg == rc.model:
         return load_params(rc.train.teacher_checkpoint, src_cfg, shardings, check_finite=False)[0], shardings
-    src, _ = load_params(rc.train.teacher_checkpoint, src_cfg, check_finite=False)  # e.g. without QK-norm
+    else:
+        src, _ = load_params(rc.train.teacher_checkpoint, src_cfg, check_finite=False)  # e.g. without QK-norm
     return jax.jit(lambda p, k: adapt_params(p, model, k), out_shardings=shardings)(src, key), shardings

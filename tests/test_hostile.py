@@ -176,8 +176,8 @@ def test_a_config_file_value_of_the_wrong_type_names_the_key(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--config.train.bogus=1"], "unknown config key: train.bogus"),
     (["--config.train.teacher_checkpoint=/does/not/exist"],
-     "train.teacher_checkpoint /does/not/exist does not exist; give a sprintjax params checkpoint (model_config.json "
-     "+ params/) or a diffusers transformer or pipeline folder"),
+     "train.teacher_checkpoint /does/not/exist does not exist; give a training run (checkpoints/ + config.json), a "
+     "sprintjax params checkpoint (model_config.json + params/) or a diffusers transformer or pipeline folder"),
     (["--config.mesh.data=3"], "has 3 devices but 1 are available"),
     (["--config.data.dir=/nonexistent/records", "--config.data.synthetic=0"], "no training records under"),
 ])

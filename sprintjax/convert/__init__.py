@@ -63,34 +63,30 @@ def is_diffusers_folder(path: str | Path) -> bool:
         or (path / "model_index.json").is_file()
 
 
-def model_config_of(path: str | Path, what: str = "model") -> ModelConfig:
-    """The config of a sprintjax params checkpoint or diffusers folder, read without its weights: the cheap
-    check a command makes before it loads models or writes anything."""
-    from sprintjax.convert.diffusers_io import read_config
-    from sprintjax.convert.params_ckpt import read_model_config
+def model_config_of(path: str | Path, what: str = "model", part: str = "auto") -> ModelConfig:
+    """The config of a model (a training run, a params checkpoint or a diffusers folder: `convert.source`),
+    read without its weights: the cheap check a command makes before it loads models or writes anything."""
+    from sprintjax.convert.source import source_config
+
+    return source_config(path, part, what)
+
+
+def load_model(path: str | Path, what: str = "model", part: str = "auto",
+               step: int | None = None) -> tuple[dict, ModelConfig]:
+    """Params and config of a model: a training run (its latest checkpoint or `step`; `part` as in
+    `convert.source.read_source`), a sprintjax params checkpoint, or a diffusers transformer or pipeline folder."""
+    from sprintjax.checks import finite_params
+    from sprintjax.convert.source import kind_of, read_source
     from sprintjax.errors import CheckpointError
 
-    path = Path(path)
-    kinds = "a sprintjax params checkpoint (model_config.json + params/) or a diffusers transformer or " \
-            "pipeline folder (config.json or model_index.json + safetensors)"
-    if not path.exists():
-        raise CheckpointError(f"{what} {path} does not exist; give {kinds}")
-    if not path.is_dir():
-        raise CheckpointError(f"{what} {path} is a file, not a folder; give {kinds}")
-    if is_diffusers_folder(path):
-        pipeline_transformer = path / "transformer"
-        return read_config(pipeline_transformer if (path / "model_index.json").is_file() else path)
-    if not (path / "model_config.json").is_file():
-        raise CheckpointError(f"{what} {path} is neither kind of model folder; give {kinds}")
-    return read_model_config(path)
-
-
-def load_model(path: str | Path, what: str = "model") -> tuple[dict, ModelConfig]:
-    """Params and config from a sprintjax params checkpoint or a diffusers transformer or pipeline folder."""
-    from sprintjax.checks import finite_params
-
-    model_config_of(path, what)
-    if is_diffusers_folder(path):
+    kind = kind_of(path, what)
+    if kind == "run":
+        source = read_source(path, part, step, what)
+        if source.controlnet is not None:
+            raise CheckpointError(f"{what} {path} was distilled with a ControlNet: export it (export-diffusers) and "
+                                  "give its controlnet/ folder too (sample --controlnet)")
+        return source.params, source.cfg
+    if kind == "diffusers":
         params, cfg = diffusers_to_params(path)
         finite_params(params, f"{what} {path}")
         return params, cfg

@@ -12,16 +12,14 @@ beside the transformer; diffusers' SanaSprintPipeline ignores it, `sprintjax sam
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+from sprintjax.convert.source import Source, read_source  # noqa: F401 (read_source: re-exported)
 from sprintjax.errors import CheckpointError
 from sprintjax.fileio import atomic_dir
-from sprintjax.model_config import ModelConfig
 
-PARTS = ("auto", "student", "ema", "teacher")
 SCHEDULER = {"_class_name": "SCMScheduler", "num_train_timesteps": 1000, "prediction_type": "trigflow",
              "sigma_data": 0.5}
 COMPONENTS = {  # model_index.json entry of each component the SanaSprintPipeline takes
@@ -29,70 +27,6 @@ COMPONENTS = {  # model_index.json entry of each component the SanaSprintPipelin
     "vae": ["diffusers", "AutoencoderDC"], "text_encoder": ["transformers", "Gemma2Model"],
     "tokenizer": ["transformers", "GemmaTokenizerFast"],
 }
-
-
-@dataclasses.dataclass
-class Source:
-    params: dict
-    cfg: ModelConfig
-    description: str  # what was read, for the model card and the log
-    run: dict | None = None  # the training run's resolved config (a workdir source), else None
-    step: int | None = None
-    controlnet: tuple | None = None  # (params, ControlNet config) of a controlled distillation run's student
-
-
-def is_workdir(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
-
-
-def read_source(src: str | Path, part: str = "auto", step: int | None = None) -> Source:
-    """The params to export. part: auto (the EMA if the run kept one, else the trained model), student, ema, or
-    teacher (a distillation run's frozen teacher, read from its train.teacher_checkpoint). Weights holding a
-    NaN or Inf are refused (an export never writes them)."""
-    from sprintjax.checks import finite_params
-
-    source = _read_source(src, part, step)
-    finite_params(source.params, source.description)
-    return source
-
-
-def _read_source(src: str | Path, part: str, step: int | None) -> Source:
-    from sprintjax.checkpoints import trained_params
-    from sprintjax.convert import load_model
-
-    src = Path(src)
-    if part not in PARTS:
-        raise CheckpointError(f"--part must be one of {PARTS}, got {part!r}")
-    if not src.exists():
-        raise CheckpointError(f"{src} does not exist")
-    if not is_workdir(src):
-        if step is not None or part not in ("auto", "student", "teacher"):
-            raise CheckpointError(f"{src} is not a training workdir (no checkpoints/ and config.json): --step and "
-                                  f"--part {part} apply only to training workdirs")
-        params, cfg = load_model(src)
-        return Source(params, cfg, f"params checkpoint {src.name}")
-    run = json.loads((src / "config.json").read_text())
-    stage = run.get("train", {}).get("stage", "distill")
-    if part == "teacher" and stage == "distill":
-        teacher = run["train"].get("teacher_checkpoint")
-        if not teacher:
-            raise CheckpointError(f"{src} was distilled from a randomly initialised teacher: nothing to export")
-        params, cfg = load_model(teacher)
-        return Source(params, cfg, f"the frozen teacher of {src.name} ({Path(teacher).name})", run)
-    if stage == "distill":
-        if part == "auto":
-            part = "ema" if (run.get("distill") or {}).get("ema_decay") else "student"
-        params, cfg, got = trained_params(src, part, step)
-        controlnet = None
-        if (run.get("control") or {}).get("num_layers"):
-            controlnet = trained_params(src, f"{part}_control", got)[:2]
-        return Source(params, cfg, f"{part} of distillation run {src.name}, step {got}", run, got, controlnet)
-    if part == "ema" and not run["train"].get("ema_decay"):
-        raise CheckpointError(f"teacher-stage run {src} kept no EMA (train.ema_decay = 0)")
-    if part == "student":
-        raise CheckpointError(f"{src} is a teacher-stage run: it has no student (use --part teacher or auto)")
-    params, cfg, got = trained_params(src, "params", step)
-    return Source(params, cfg, f"teacher-stage run {src.name}, step {got}", run, got)
 
 
 def check_components(vae=None, text_encoder=None, tokenizer=None) -> dict[str, tuple[Path, list]]:
