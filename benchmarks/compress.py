@@ -61,7 +61,7 @@ def export(workdir: Path, part: str, dst: Path, plan_file: Path | None = None) -
 
 
 def student(args) -> Path:
-    from sprintjax.demo import ensure_dataset
+    from sprintjax.bench.demo import ensure_dataset
     from sprintjax.train import train
 
     ensure_dataset(args.data)
@@ -98,7 +98,7 @@ def rung(args, source: Path, previous: Path, name: str, cut: list[str]) -> dict:
 
 
 def quality(args, path: Path, name: str) -> dict:
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
 
     out = args.out / "eval" / name
     if not (out / "results.json").is_file():

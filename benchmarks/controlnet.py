@@ -5,7 +5,7 @@
 1. Distils the shipped teacher and its shipped ControlNet (configs/shapes.py `controlnet_distill`) into a
    student and a student ControlNet by sCM + LADD, controls on both sides, into --out/train.
 2. Evaluates the 20-step ControlNet teacher (Flow-Euler, CFG 4.5) and the 1/2/4-step controlled student on the
-   validation prompts and their edge maps: FD, compositional score, edge F1 (sprintjax.edges), with a grid whose
+   validation prompts and their edge maps: FD, compositional score, edge F1 (sprintjax.data.edges), with a grid whose
    first row is the control maps (--out/results.md, results.json, grid.png).
 3. Times the 1-step student with and without its ControlNet at batch 1 in this process, interleaved
    (median of --repeats rounds), and writes the issue's ratios with their floors to --out/summary.md.
@@ -26,7 +26,7 @@ TARGETS = {  # issue 21: (floor, goal) and the direction of "better"
 
 
 def ensure_control_data(data: Path) -> None:
-    from sprintjax import shapes
+    from sprintjax.bench import shapes
     from sprintjax.data.prepare import prepare
 
     if list(data.glob("*/*/dataset_info.json")) or (data / "dataset_info.json").is_file():
@@ -60,7 +60,7 @@ def latency_ratio(student: Path, controlnet: Path, data: Path, repeats: int) -> 
     """Median batch-1 seconds of the 1-step student with and without its ControlNet, timed alternately."""
     import numpy as np
 
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
     from sprintjax.controlnet import SanaControlNet
     from sprintjax.convert import load_controlnet, load_model
     from sprintjax.model import SanaTransformer
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
 
     import jax
 
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
     from sprintjax.configlib import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

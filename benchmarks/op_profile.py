@@ -35,7 +35,7 @@ from step_cost import benchmark_batch, model_args, model_config  # noqa: E402  (
 
 
 def median_ms(fn, *args, repeats: int = 20) -> float:
-    from sprintjax.evaluate import median_seconds
+    from sprintjax.bench.evaluate import median_seconds
 
     return median_seconds(fn, *args, repeats=repeats) * 1e3
 

@@ -30,7 +30,7 @@ def _teacher(args) -> str:
 
 def table1(args) -> dict:
     """Paper Table 1: the teacher sampled by Euler on its flow ODE and on its TrigFlow PF-ODE (Prop. 3.1)."""
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
 
     steps = [int(s) for s in args.steps.split(",")]
     return evaluate.run_benchmark(args.data, args.out / "table1", {"teacher": _teacher(args)},
@@ -39,7 +39,7 @@ def table1(args) -> dict:
 
 def table2(args) -> dict:
     """Paper Table 2 analogue: the teacher with few and many steps against the distilled student."""
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
 
     if not Path(args.student).exists():
         raise SystemExit(f"no student at {args.student}: run `make demo` first or pass --student")
@@ -49,7 +49,7 @@ def table2(args) -> dict:
 
 def table3(args) -> dict:
     """Paper Table 3: the loss ablation, every variant at the default config's budget and seed."""
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
     from sprintjax.checkpoints import trained_params
     from sprintjax.configlib import load_config, parse_overrides
     from sprintjax.convert import save_params
@@ -72,7 +72,7 @@ def table3(args) -> dict:
 
 
 def main(argv=None) -> None:
-    from sprintjax.demo import DATA_DIR, ensure_dataset
+    from sprintjax.bench.demo import DATA_DIR, ensure_dataset
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("table", choices=["table1", "table2", "table3", "all"])

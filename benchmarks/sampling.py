@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
     from sprintjax.model import SanaTransformer, count_params
     from sprintjax.model_config import preset
 

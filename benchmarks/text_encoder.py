@@ -41,7 +41,7 @@ def encoder_folder(args, name: str) -> str:
 
 
 def quality(args, name: str, folder: str) -> dict:
-    from sprintjax import evaluate, shapes
+    from sprintjax.bench import evaluate, shapes
     from sprintjax.data.prepare import prepare
 
     data = args.out / "data" / name

@@ -8,7 +8,7 @@ import os
 import sys
 
 from sprintjax import commands
-from sprintjax.demo import DATA_DIR as DEMO_DATA_DIR
+from sprintjax.bench.demo import DATA_DIR as DEMO_DATA_DIR
 from sprintjax.errors import SprintjaxError
 
 

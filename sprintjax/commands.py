@@ -175,7 +175,7 @@ def cmd_distill_text(a):
         except OSError as e:
             raise SprintjaxError(f"cannot read --captions {a.captions}: {e}") from None
     else:
-        from sprintjax import shapes
+        from sprintjax.bench import shapes
 
         captions = [sc.caption for sc in shapes.sample_images("train", a.shapes)[1]]
     instruction = Path(a.instruction_file).read_text() if a.instruction_file else ""
@@ -340,7 +340,7 @@ def cmd_prepare_data(a):
     from sprintjax.data.prepare import find_pairs, prepare
 
     if a.shapes:
-        from sprintjax import shapes
+        from sprintjax.bench import shapes
 
         splits, source = shapes.caption_pairs(a.num, a.num_validation), "shapes"
     else:
@@ -356,7 +356,7 @@ def cmd_prepare_data(a):
 def cmd_eval(a):
     from pathlib import Path
 
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
 
     if not (a.teacher or a.student):
         raise SprintjaxError("give --teacher and/or --student (params checkpoints or diffusers folders)")
@@ -391,13 +391,13 @@ def cmd_train_teacher(a, overrides):
 
 
 def cmd_demo(a, overrides):
-    from sprintjax.demo import run_demo
+    from sprintjax.bench.demo import run_demo
 
     _progress_logging()
     run_demo(Path(a.workdir), Path(a.data), overrides, a.num_eval)
 
 
 def cmd_check_parity(a):
-    from sprintjax.parity_demo import run_parity_check
+    from sprintjax.convert.parity_demo import run_parity_check
 
     run_parity_check(Path(a.workdir))

@@ -51,7 +51,7 @@ PARITY_CONFIGS = {
 @pytest.fixture(scope="session")
 def diffusers_models(tmp_path_factory):
     """name -> (config, (H, W), torch model, saved folder); built once per test session."""
-    from sprintjax import torch_ref
+    from sprintjax.convert import torch_ref
 
     root = tmp_path_factory.mktemp("diffusers")
     out = {}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from sprintjax import autoencoder, detector, shapes
+from sprintjax.bench import autoencoder, detector, shapes
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_loading_is_strict_and_latent_spaces_are_named(tmp_path):
 
 
 def test_the_benchmark_configs_match_the_latent_space(codec):
-    from sprintjax import demo
+    from sprintjax.bench import demo
     from sprintjax.configlib import load_config, resolve
     from sprintjax.convert import load_model
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from sprintjax import torch_ref
 from sprintjax.cli import main
+from sprintjax.convert import torch_ref
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from sprintjax import edges
+from sprintjax.data import edges
 from sprintjax.errors import ConfigError
 from sprintjax.train import train
 
@@ -46,7 +46,7 @@ def test_canny_traces_a_rectangle_and_nothing_else():
 
 @pytest.fixture(scope="module")
 def control_data(tmp_path_factory):
-    from sprintjax import shapes
+    from sprintjax.bench import shapes
     from sprintjax.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("control_data")
@@ -56,7 +56,7 @@ def control_data(tmp_path_factory):
 
 
 def test_records_hold_the_canny_control_latents_of_each_image(control_data):
-    from sprintjax import shapes
+    from sprintjax.bench import shapes
     from sprintjax.data import pipeline
 
     src = pipeline.open_split(control_data / "data", "validation")
@@ -71,7 +71,7 @@ def test_records_hold_the_canny_control_latents_of_each_image(control_data):
 def test_control_images_from_a_folder_and_their_errors(tmp_path):
     from PIL import Image
 
-    from sprintjax import shapes
+    from sprintjax.bench import shapes
     from sprintjax.data import pipeline
     from sprintjax.data.pipeline import DataError
     from sprintjax.data.prepare import find_pairs, prepare
@@ -109,7 +109,7 @@ def test_controlnet_stage_then_controlled_distillation_then_eval(control_data, t
     """The ControlNet trains on the frozen teacher (only its params stored), exports, is distilled with the
     teacher into a student + student ControlNet (both trained, the teacher's ControlNet frozen), and the
     benchmark scores the controlled teacher and student with the edge F1 under a control-map row."""
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
     from sprintjax.checkpoints import trained_params
     from sprintjax.cli import main
     from sprintjax.convert import load_controlnet, save_params
@@ -168,10 +168,10 @@ def _check_serving(run, tmp_path):
     --control runs in ExecuTorch and onnxruntime like sprintjax's sampler."""
     from diffusers import SanaTransformer2DModel
 
-    from sprintjax import torch_ref, trigflow
+    from sprintjax import trigflow
     from sprintjax.cli import main
     from sprintjax.controlnet import SanaControlNet
-    from sprintjax.convert import load_controlnet, load_model
+    from sprintjax.convert import load_controlnet, load_model, torch_ref
     from sprintjax.convert.torch_controlnet import SanaSprintControlNetModel
     from sprintjax.model import SanaTransformer
     from sprintjax.sampling import sample_latents
@@ -221,7 +221,7 @@ def test_control_configs_are_checked_before_the_workdir_exists(control_data, tmp
     with pytest.raises(ConfigError, match="set control.teacher_checkpoint"):
         train(_cfg("controlnet_distill", control_data / "data", ["--config.control.teacher_checkpoint="]),
               tmp_path / "a")
-    from sprintjax import shapes
+    from sprintjax.bench import shapes
     from sprintjax.data.prepare import prepare
 
     prepare(shapes.caption_pairs(8, 2), tmp_path / "plain", "builtin-ae", "minilm", max_length=16, batch_size=8,

@@ -17,7 +17,7 @@ from sprintjax.model import SanaTransformer
 @pytest.fixture(scope="module")
 def controlnets(diffusers_models, tmp_path_factory):
     """name -> (ControlNet config, torch ControlNet, saved folder): n = depth - 1, random values everywhere."""
-    from sprintjax import torch_ref
+    from sprintjax.convert import torch_ref
 
     root = tmp_path_factory.mktemp("controlnets")
     out = {}
@@ -31,8 +31,7 @@ def controlnets(diffusers_models, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
 def test_controlled_forward_matches_diffusers(name, diffusers_models, controlnets):
-    from sprintjax import torch_ref
-    from sprintjax.convert import diffusers_to_controlnet, diffusers_to_params
+    from sprintjax.convert import diffusers_to_controlnet, diffusers_to_params, torch_ref
 
     cfg, hw, torch_model, folder = diffusers_models[name]
     cn_cfg, torch_cn, cn_folder = controlnets[name]
@@ -57,7 +56,7 @@ def test_sprint_class_equals_diffusers_class_without_its_options():
     import torch
     from diffusers import SanaControlNetModel
 
-    from sprintjax import torch_ref
+    from sprintjax.convert import torch_ref
     from sprintjax.convert.torch_controlnet import SanaSprintControlNetModel
 
     cfg = controlnet_config(tiny(num_layers=3), 2)
@@ -204,8 +203,8 @@ def test_sample_with_a_controlnet_matches_the_pytorch_loop_at_1_2_and_4_steps(na
                                                                               tmp_path):
     """`sprintjax sample --controlnet --control` against SanaSprintPipeline's loop (SCMScheduler times) on the
     diffusers transformer driven by the PyTorch ControlNet; a student (guidance) and a teacher-like model."""
-    from sprintjax import torch_ref
     from sprintjax.cli import main
+    from sprintjax.convert import torch_ref
 
     cfg, hw, torch_model, folder = diffusers_models[name]
     _, torch_cn, cn_folder = controlnets[name]

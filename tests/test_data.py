@@ -58,7 +58,7 @@ def test_missing_records_and_splits_are_clear_errors(records, tmp_path):
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    from sprintjax.torch_ref import tiny_encoders
+    from sprintjax.convert.torch_ref import tiny_encoders
 
     return tiny_encoders(tmp_path_factory.mktemp("enc"))
 
@@ -163,7 +163,7 @@ def test_find_pairs_errors(tmp_path):
 
 def test_prepare_shapes_with_builtin_autoencoder_and_minilm(tmp_path):
     """The embedded dataset goes through prepare-data like real data: both splits, lossless latents, MiniLM."""
-    from sprintjax import shapes
+    from sprintjax.bench import shapes
     from sprintjax.cli import main
 
     out = tmp_path / "shapes"

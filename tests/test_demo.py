@@ -5,7 +5,7 @@ import json
 
 import jax
 
-from sprintjax import demo
+from sprintjax.bench import demo
 from sprintjax.configlib import load_config
 from sprintjax.convert import params_to_diffusers
 from sprintjax.model import SanaTransformer

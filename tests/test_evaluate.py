@@ -48,7 +48,7 @@ def test_flow_euler_and_trigflow_euler_of_the_teacher_agree_with_many_steps(setu
     """Table 1's premise: both solvers integrate the same ODE (Prop. 3.1), so they meet as steps grow."""
     import numpy as np
 
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
     from sprintjax.convert import load_model
     from sprintjax.data import pipeline
 

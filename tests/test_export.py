@@ -14,7 +14,7 @@ H = W = 16  # latent size; the tiny VAE halves pixels, so 32x32 images (the pipe
 
 @pytest.fixture(scope="session")  # session: made once per xdist worker, whatever runs in between
 def exported(reference, tmp_path_factory):
-    from sprintjax import torch_ref
+    from sprintjax.convert import torch_ref
 
     root = tmp_path_factory.mktemp("export")
     vae, text_encoder = torch_ref.tiny_encoders(root / "encoders", latent_channels=4, hidden=16)
@@ -46,8 +46,8 @@ def test_diffusers_sampling_matches_sprintjax_at_1_2_and_4_steps(exported):
     import torch
     from diffusers import SanaSprintPipeline
 
-    from sprintjax import torch_ref, trigflow
-    from sprintjax.convert import load_model
+    from sprintjax import trigflow
+    from sprintjax.convert import load_model, torch_ref
     from sprintjax.model import SanaTransformer
     from sprintjax.sampling import sample_latents
 

@@ -4,7 +4,7 @@ corruption; the shipped feature network loads and sees what it was trained on.""
 import numpy as np
 import pytest
 
-from sprintjax import features, shapes
+from sprintjax.bench import features, shapes
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ def test_pipeline_program_runs_token_ids_to_image_like_sprintjax(student, tmp_pa
     from executorch.runtime import Runtime
     from transformers import AutoTokenizer
 
-    from sprintjax import autoencoder, trigflow
+    from sprintjax import trigflow
+    from sprintjax.bench import autoencoder
     from sprintjax.data.prepare import TextEncoder, resolve_text_encoder
     from sprintjax.model import SanaTransformer
     from sprintjax.sampling import sample_latents
@@ -110,7 +111,7 @@ def test_dc_ae_decode_method_matches_diffusers_own_decoding(tmp_path):
     from diffusers import AutoencoderDC
     from diffusers.image_processor import VaeImageProcessor
 
-    from sprintjax import torch_ref
+    from sprintjax.convert import torch_ref
     from sprintjax.convert.mobile_pipeline import decoder
 
     torch_ref.tiny_encoders(tmp_path, latent_channels=4, hidden=16)

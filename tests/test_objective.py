@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import inputs, rel_err, tiny
 
-from sprintjax import convert, ladd, scm, torch_ref
+from sprintjax import convert, ladd, scm
+from sprintjax.convert import torch_ref
 from sprintjax.distill import Distiller
 from sprintjax.distill_config import DistillConfig
 from sprintjax.model import SanaTransformer

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import PARITY_CONFIGS, inputs, rel_err
 
-from sprintjax import convert, torch_ref
+from sprintjax import convert
+from sprintjax.convert import torch_ref
 from sprintjax.convert.diffusers_io import read_state_dict
 from sprintjax.model import SanaTransformer
 

@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from sprintjax.parity_demo import STEPS, run_parity_check
+from sprintjax.convert.parity_demo import STEPS, run_parity_check
 
 
 def test_parity_check_imports_samples_and_round_trips(tmp_path):

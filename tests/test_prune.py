@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import inputs, rel_err, tiny
 
-from sprintjax import convert, prune, torch_ref
+from sprintjax import convert, prune
+from sprintjax.convert import torch_ref
 from sprintjax.errors import ConfigError
 from sprintjax.model import SanaTransformer
 

@@ -3,7 +3,7 @@ accuracy on the dataset's own images is measured (it must be perfect on clean re
 
 import numpy as np
 
-from sprintjax import detector, shapes
+from sprintjax.bench import detector, shapes
 
 
 def test_scenes_are_deterministic_and_splits_differ():

@@ -23,7 +23,7 @@ def student(tmp_path_factory):
 def test_small_encoder_learns_the_large_ones_embeddings_on_held_out_captions(student, tmp_path, capsys):
     from transformers import AutoModel
 
-    from sprintjax import shapes
+    from sprintjax.bench import shapes
     from sprintjax.data.prepare import TextEncoder, resolve_text_encoder
 
     out = tmp_path / "small"

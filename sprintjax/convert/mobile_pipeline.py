@@ -64,13 +64,13 @@ def decoder(vae: str):
     from torch.nn import functional as F
 
     if vae == "builtin-ae":
-        from sprintjax import autoencoder
+        from sprintjax.bench import autoencoder
 
         params = autoencoder.load()
         kernels = [params["decoder"][f"Conv_{i}"] for i in range(5)]
         scale = float(np.asarray(params["scaling_factor"]).reshape(()))
 
-        class Decode(nn.Module):  # sprintjax.autoencoder.Decoder, NCHW
+        class Decode(nn.Module):  # sprintjax.bench.autoencoder.Decoder, NCHW
             def __init__(self):
                 super().__init__()
                 self.convs = nn.ModuleList()
@@ -116,7 +116,7 @@ def decoder(vae: str):
 
 
 def _depth_to_space(x):
-    """NCHW in and out, with sprintjax.autoencoder's NHWC channel order: [B, 4C, H, W] -> [B, C, 2H, 2W]."""
+    """NCHW in and out, with sprintjax.bench.autoencoder's NHWC channel order: [B, 4C, H, W] -> [B, C, 2H, 2W]."""
     b, c, h, w = x.shape
     x = x.permute(0, 2, 3, 1).reshape(b, h, w, 2, 2, c // 4).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, 2 * h, 2 * w, c // 4).permute(0, 3, 1, 2)

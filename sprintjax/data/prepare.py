@@ -11,7 +11,7 @@ caption for the teacher's CFG is encoded as the reference encodes it (facts §3)
 max_length, with no instruction and no token selection; it is stored with the records.
 
 With `control`, each record also holds `control`: the latents of a control image encoded by the same VAE —
-Canny edges of the image itself (`canny`, sprintjax.edges) or a precomputed control image of the same file
+Canny edges of the image itself (`canny`, sprintjax.data.edges) or a precomputed control image of the same file
 name in a folder (HED scribbles, depth), resized and cropped like the image.
 """
 
@@ -93,13 +93,14 @@ class TextEncoder:
 
 
 class BuiltinEncoder:
-    """The shapes dataset's built-in latent spaces (`--vae builtin-s2d` or `builtin-ae`): see sprintjax.shapes."""
+    """The shapes dataset's built-in latent spaces (`--vae builtin-s2d` or `builtin-ae`): see sprintjax.bench.shapes."""
 
     def __init__(self, vae: str):
-        from sprintjax import edges, shapes
+        from sprintjax.bench import shapes
+        from sprintjax.data import edges
 
         self.codec = shapes.latent_codec(vae)[0]
-        self.edge_colors = edges.SHAPES_COLORS  # the learned autoencoder's domain (sprintjax.edges)
+        self.edge_colors = edges.SHAPES_COLORS  # the learned autoencoder's domain (sprintjax.data.edges)
 
     def pixels(self, image) -> np.ndarray:
         from PIL import Image
@@ -132,7 +133,7 @@ class ImageEncoder:
         import torch
         from diffusers import AutoencoderDC
 
-        from sprintjax import edges
+        from sprintjax.data import edges
 
         self.torch, self.resolution = torch, resolution
         self.vae = AutoencoderDC.from_pretrained(folder, local_files_only=True).eval()
@@ -161,7 +162,7 @@ class ImageEncoder:
 
 def control_source(image, control: str, encoder):
     """The control image's pixels for one pair: Canny edges of the image, or the same-named file of a folder."""
-    from sprintjax import edges
+    from sprintjax.data import edges
 
     if control == "canny":
         return edges.control_images(edges.canny(encoder.pixels(image)[None]), encoder.edge_colors)[0]

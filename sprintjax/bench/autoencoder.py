@@ -15,7 +15,7 @@ the others, a ceiling on every model trained on its latents that the lossless `b
 The generator still never sees a held-out pair: its training records are encoded training-split images. A
 first design with a wider receptive field was worse still (0.83 overall); this one stays local (~12 pixels).
 
-Trained once with `python -m sprintjax.autoencoder` (seed 0; ~15 minutes on 2 CPU cores), which also prints
+Trained once with `python -m sprintjax.bench.autoencoder` (seed 0; ~15 minutes on 2 CPU cores), which also prints
 the reconstruction figures, and shipped as `sprintjax/assets/shapes_ae.safetensors` (see assets/README.md).
 """
 
@@ -33,11 +33,11 @@ import numpy as np
 import optax
 import safetensors.numpy
 
-from sprintjax import shapes
+from sprintjax.bench import shapes
 
 LATENT_CHANNELS = 8
 KL_WEIGHT = 1e-4
-WEIGHTS = Path(__file__).parent / "assets" / "shapes_ae.safetensors"
+WEIGHTS = Path(__file__).parents[1] / "assets" / "shapes_ae.safetensors"
 
 
 class Encoder(nn.Module):
@@ -168,7 +168,7 @@ def load(path: Path = WEIGHTS) -> dict:
 def reconstruction_report(params, n: int = 1000) -> dict:
     """What the latent space costs the benchmark: PSNR, FD and compositional score of the reconstructions of
     the first n validation renders (held-out combinations included) against the renders themselves."""
-    from sprintjax import detector, features
+    from sprintjax.bench import detector, features
 
     images, scenes = shapes.sample_images("validation", n)
     rec = decode(params, encode(params, images))

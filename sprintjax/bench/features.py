@@ -3,7 +3,7 @@
 The network reads a 32x32 image and predicts which (colour, shape) pairs it contains, how many objects there
 are, and the spatial relation of a pair; its 128-d penultimate activations are the features. FD is the
 Fréchet distance between Gaussian fits of two feature sets (as FID, with this network in place of
-Inception). Trained with `python -m sprintjax.features --out sprintjax/assets/shapes_features.safetensors`
+Inception). Trained with `python -m sprintjax.bench.features --out sprintjax/assets/shapes_features.safetensors`
 (seed 0, 1500 steps of batch 128, about a minute on 2 cores) and shipped in the repository.
 """
 
@@ -20,11 +20,11 @@ import optax
 import safetensors.numpy
 from scipy import linalg
 
-from sprintjax import shapes
+from sprintjax.bench import shapes
 
 PAIRS = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
 RELS = [None, *shapes.RELATIONS]
-WEIGHTS = Path(__file__).parent / "assets" / "shapes_features.safetensors"
+WEIGHTS = Path(__file__).parents[1] / "assets" / "shapes_features.safetensors"
 
 
 class FeatureNet(nn.Module):

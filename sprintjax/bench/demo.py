@@ -21,7 +21,7 @@ DATA_DIR = Path("runs/shapes_ae_data")  # the benchmark's records (configs/shape
 
 
 def ensure_dataset(data_dir: Path, num: int = 10000, num_validation: int = 1000) -> Path:
-    from sprintjax import shapes
+    from sprintjax.bench import shapes
     from sprintjax.data.prepare import prepare
 
     if list(data_dir.glob("*/*/dataset_info.json")):
@@ -32,7 +32,7 @@ def ensure_dataset(data_dir: Path, num: int = 10000, num_validation: int = 1000)
 
 
 def run_demo(workdir: Path, data_dir: Path = DATA_DIR, overrides=(), num_eval: int = 500) -> dict:
-    from sprintjax import evaluate
+    from sprintjax.bench import evaluate
     from sprintjax.checkpoints import trained_params
     from sprintjax.configlib import load_config, parse_overrides
     from sprintjax.convert import params_to_diffusers, save_params

@@ -135,11 +135,11 @@ BUILTIN_VAES = ("builtin-s2d", "builtin-ae")
 
 def latent_codec(vae: str):
     """(encode, decode, latent channels) of a built-in latent space: `builtin-s2d` (the lossless space-to-depth
-    above, 48 channels) or `builtin-ae` (the shipped learned autoencoder, sprintjax.autoencoder, 8 channels)."""
+    above, 48 channels) or `builtin-ae` (the shipped learned autoencoder, sprintjax.bench.autoencoder, 8 channels)."""
     if vae == "builtin-s2d":
         return encode, decode, LATENT_CHANNELS
     if vae == "builtin-ae":
-        from sprintjax import autoencoder
+        from sprintjax.bench import autoencoder
 
         params = autoencoder.load()
         return (lambda x: autoencoder.encode(params, x)), (lambda z: autoencoder.decode(params, z)), \
@@ -149,7 +149,7 @@ def latent_codec(vae: str):
 
 def codec_of_latents(channels: int):
     """The built-in latent space whose latents have `channels` channels (48: builtin-s2d, 8: builtin-ae)."""
-    from sprintjax import autoencoder
+    from sprintjax.bench import autoencoder
 
     by_channels = {LATENT_CHANNELS: "builtin-s2d", autoencoder.LATENT_CHANNELS: "builtin-ae"}
     if channels not in by_channels:

@@ -31,7 +31,7 @@ def _rel(a, b):
 
 
 def run_parity_check(workdir: Path, batch: int = 4, seed: int = 0) -> dict:
-    from sprintjax import torch_ref
+    from sprintjax.convert import torch_ref
     from sprintjax.convert.diffusers_io import read_state_dict
     from sprintjax.images import save_grid
 

@@ -7,7 +7,7 @@ same prompts and the same initial noise. Reported: FD (Fréchet distance in the 
 the renders of the same validation scenes), the compositional score (detector), latency (batch 1, median) and
 throughput (batch `throughput_batch`), and NFE. With ControlNets (`--teacher-controlnet`, `--student-controlnet`;
 records with control latents), every method is controlled by the validation scene's Canny edges and the
-edge-agreement score (sprintjax.edges: F1 of the generated image's Canny edges against the control's, 1 px
+edge-agreement score (sprintjax.data.edges: F1 of the generated image's Canny edges against the control's, 1 px
 tolerance) is added; the grid then starts with a row of the control maps.
 """
 
@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sprintjax import detector, edges, features, shapes, trigflow
+from sprintjax import trigflow
+from sprintjax.bench import detector, features, shapes
 from sprintjax.checks import finite_output, nonfinite_samples
-from sprintjax.data import pipeline
+from sprintjax.data import edges, pipeline
 from sprintjax.errors import CheckpointError
 from sprintjax.fileio import atomic_write_bytes
 from sprintjax.model import SanaTransformer

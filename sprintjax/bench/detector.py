@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from sprintjax.shapes import BACKGROUND, COLORS, Scene
+from sprintjax.bench.shapes import BACKGROUND, COLORS, Scene
 
 MAX_DIST = 60.0  # RGB distance within which a pixel counts as a palette colour
 MIN_AREA = 12  # pixels; smaller regions are noise
