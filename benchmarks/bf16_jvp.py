@@ -44,10 +44,8 @@ def main(argv=None) -> None:
     students = {"teacher as student (start of distillation)": init["net"]}
     if args.student:
         students[f"distilled: {args.student}"] = load_model(args.student)[0]
-    src = pipeline.open_split(args.data, "validation")
     n = args.bins * args.per_bin
-    examples = [src[i] for i in range(n)]
-    batch = {k: np.stack([e[k] for e in examples]).astype(np.float32) for k in ("latents", "caption", "caption_mask")}
+    batch = pipeline.first_records(args.data, "validation", n, ("latents", "caption", "caption_mask"))
     null = pipeline.load_null_caption(args.data)[0].astype(np.float32)
     edges = np.asarray(diagnostics.bin_edges(args.bins))
 

@@ -191,7 +191,7 @@ def cmd_distill_text(a):
 
 def cmd_compress(a):
     """Structured pruning (sprintjax.prune): sensitivities on held-out records, then the plan, or a given plan."""
-    from sprintjax import prune
+    from sprintjax import prune, tokens
     from sprintjax.convert import save_params
     from sprintjax.convert.pipeline import read_source
     from sprintjax.model import SanaTransformer, count_params
@@ -220,19 +220,15 @@ def cmd_compress(a):
         sizes = (a.num_layers or cfg.num_layers, a.cross_heads or cfg.num_cross_attention_heads,
                  a.ffn_channels or cfg.mlp_hidden)
         prune.select(cfg, None, *sizes)  # the sizes are checked before the sensitivities are measured
-        from sprintjax.data.pipeline import open_split
+        from sprintjax.data.pipeline import first_records
 
-        records = open_split(a.data, "validation")
-        held = [records[i] for i in range(min(a.held_out, len(records)))]
-        arrays = [np.stack([r[k] for r in held]).astype(np.float32) for k in ("latents", "caption", "caption_mask")]
-        sens = prune.sensitivities(source.params, cfg, *arrays, channel_group=a.channel_group,
+        held = first_records(a.data, "validation", a.held_out, ("latents", "caption", "caption_mask"))
+        sens = prune.sensitivities(source.params, cfg, *held.values(), channel_group=a.channel_group,
                                    guidance_scale=a.guidance, log=lambda m: print(m, flush=True))
         plan = prune.select(cfg, sens, *sizes)
     params, small_cfg = prune.prune(source.params, cfg, plan)
     if a.token_sampler:
-        from sprintjax.tokens import insert
-
-        params, small_cfg = insert(params, small_cfg, a.token_sampler)
+        params, small_cfg = tokens.insert(params, small_cfg, a.token_sampler)
     earlier = Path(a.src) / "prune_plan.json"  # a pruned source: the plan stays relative to the uncompressed one
     if earlier.is_file():
         plan = prune.compose(prune.PrunePlan.from_json(earlier.read_text()), plan)

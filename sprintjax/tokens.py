@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sprintjax.errors import ShapeError
+from sprintjax.errors import ConfigError, ShapeError
 from sprintjax.layers import Dense, DepthwiseConv3x3
 
 KEYS = ("token_down", "token_up")  # the params' top-level keys of the two samplers
@@ -87,17 +87,14 @@ def up(params, low_out, low_in, skip, hw, dtype="float32"):
 def init(rng, hidden_size: int) -> dict:
     """Fresh params of both samplers: {"token_down": ..., "token_up": ...} (output convs zero)."""
     grid = jnp.zeros((1, 2, 2, hidden_size), jnp.float32)
-    k_down, k_up = jax.random.split(rng)
-    return {name: ResBranch(jnp.float32).init(k, grid)["params"] for name, k in zip(KEYS, (k_down, k_up),
-                                                                                      strict=True)}
+    keys = jax.random.split(rng, len(KEYS))
+    return {name: ResBranch(jnp.float32).init(k, grid)["params"] for name, k in zip(KEYS, keys, strict=True)}
 
 
 def insert(params: dict, cfg, spec: str, seed: int = 0):
     """(params, config) with a fresh token sampler over blocks DOWN..UP-1 (spec "DOWN:UP", 0-based blocks of
     `cfg`); the rest of the params unchanged. One ConfigError for a malformed spec, a range outside the blocks,
     or a model that has a sampler already."""
-    from sprintjax.errors import ConfigError
-
     if cfg.token_sampler:
         raise ConfigError(f"this model has a token sampler already (blocks {cfg.token_down}..{cfg.token_up - 1})")
     try:

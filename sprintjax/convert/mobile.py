@@ -120,7 +120,7 @@ def torch_generator(params, cfg, steps: int, guidance: float = 4.5, weights: str
     import torch
     from diffusers import SanaTransformer2DModel
 
-    from sprintjax import trigflow
+    from sprintjax import tokens, trigflow
     from sprintjax.convert.table import params_to_state_dict
     from sprintjax.model import SanaTransformer
 
@@ -128,7 +128,7 @@ def torch_generator(params, cfg, steps: int, guidance: float = 4.5, weights: str
         raise SprintjaxError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     cfg = cfg.replace(dtype="float32", remat="none")
     base = cfg.replace(token_down=0, token_up=0)  # a token-sampled model: diffusers' model + the samplers
-    state = params_to_state_dict({k: v for k, v in params.items() if k not in ("token_down", "token_up")}, base,
+    state = params_to_state_dict({k: v for k, v in params.items() if k not in tokens.KEYS}, base,
                                  SanaTransformer(base).param_shapes())
     model = SanaTransformer2DModel(**{k: v for k, v in base.to_diffusers().items() if not k.startswith("_")})
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)

@@ -62,14 +62,22 @@ def source_config(src: str | Path, part: str = "auto", what: str = "model") -> M
         return read_model_config(src)
     if kind == "diffusers":
         return read_config(src / "transformer" if (src / "model_index.json").is_file() else src)
-    run = json.loads((src / "config.json").read_text())
-    stage = run.get("train", {}).get("stage", "distill")
-    if part == "teacher" and stage == "distill":
-        teacher = run["train"].get("teacher_checkpoint")
-        if not teacher:
-            raise CheckpointError(f"{src} was distilled from a randomly initialised teacher: it has no teacher to read")
+    run, stage, teacher = _run(src, part)
+    if teacher:
         return source_config(teacher, "auto", f"the teacher of {src}")
     return run_model_config(src, "student" if stage == "distill" else "params")
+
+
+def _run(src: Path, part: str) -> tuple[dict, str, str | None]:
+    """A training run's config.json, its stage, and (part teacher of a distillation run) its teacher checkpoint."""
+    run = json.loads((src / "config.json").read_text())
+    stage = run.get("train", {}).get("stage", "distill")
+    if part != "teacher" or stage != "distill":
+        return run, stage, None
+    teacher = run["train"].get("teacher_checkpoint")
+    if not teacher:
+        raise CheckpointError(f"{src} was distilled from a randomly initialised teacher: it has no teacher to read")
+    return run, stage, teacher
 
 
 @dataclasses.dataclass
@@ -111,12 +119,8 @@ def _read_source(src: str | Path, part: str, step: int | None, what: str) -> Sou
                                   f"--part {part} apply only to training runs")
         params, cfg = load_model(src, what)
         return Source(params, cfg, f"{'params checkpoint' if kind == 'params' else 'diffusers folder'} {src.name}")
-    run = json.loads((src / "config.json").read_text())
-    stage = run.get("train", {}).get("stage", "distill")
-    if part == "teacher" and stage == "distill":
-        teacher = run["train"].get("teacher_checkpoint")
-        if not teacher:
-            raise CheckpointError(f"{src} was distilled from a randomly initialised teacher: it has no teacher to read")
+    run, stage, teacher = _run(src, part)
+    if teacher:
         params, cfg = load_model(teacher, f"the teacher of {src}")
         return Source(params, cfg, f"the frozen teacher of {src.name} ({Path(teacher).name})", run)
     if stage == "distill":

@@ -63,6 +63,13 @@ def open_split(data_dir: str | Path, split: str):
     return builder.as_data_source(split)
 
 
+def first_records(data_dir: str | Path, split: str, n: int, keys) -> dict[str, np.ndarray]:
+    """The first n records of a split (fewer if it has fewer), each key stacked into one float32 array."""
+    source = open_split(data_dir, split)
+    examples = [source[i] for i in range(min(n, len(source)))]
+    return {k: np.stack([e[k] for e in examples]).astype(np.float32) for k in keys}
+
+
 def load_null_caption(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = find_records(data_dir) / NULL_CAPTION
     if not path.is_file():
