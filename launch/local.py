@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     if not cmd:
         p.error("give the sprintjax command after --")
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={a.devices_per_process}")
+    xla_flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={a.devices_per_process}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.strip())  # the caller's own flags are kept
     procs = []
     for i in range(a.num_processes):
         full = [a.sprintjax, *cmd, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(a.num_processes),

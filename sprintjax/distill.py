@@ -314,11 +314,6 @@ class Distiller:
 
         return run
 
-    def metric_keys(self, phase: int, state, batch) -> set[str]:
-        """The metric names the given phase produces (for the host to drop the other phase's zeros)."""
-        fn = self.generator_step if phase == 0 else self.discriminator_step
-        return set(jax.eval_shape(fn, state, batch, jax.random.key(0))[1])
-
     # ------------------------------------------------------------ compiled steps
     @functools.cached_property
     def jitted(self):

@@ -25,13 +25,17 @@ HEALTH_KEYS = ("scm_loss", "adv_loss", "g_loss", "d_loss", "d_acc_real", "d_acc_
                "tangent_norm_raw", "tangent_norm", "tangent_warmup", "logvar", "g_grad_norm", "d_grad_norm")
 
 
+# What a step reports for the host's bookkeeping only (train.guarded, Distiller.phase_step): never written.
+BOOKKEEPING = ("halted", "nonfinite_run", "ran")
+
+
 class NonFiniteLoss(SprintjaxError):
     """Too many consecutive non-finite steps: the run stops instead of burning compute."""
 
 
 class MetricsLog:
-    def __init__(self, workdir: Path, loss_keys: dict[int, str], phase_keys: dict[int, set[str]] | None,
-                 max_nonfinite: int, num_steps: int, log_every: int):
+    def __init__(self, workdir: Path, loss_keys: dict[int, str], max_nonfinite: int, num_steps: int,
+                 log_every: int):
         from clu import metric_writers, periodic_actions
 
         self.main = jax.process_index() == 0
@@ -40,7 +44,7 @@ class MetricsLog:
         self.progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=self.writer,
                                                         every_steps=log_every)
         self.jsonl = workdir / "metrics.jsonl"
-        self.loss_keys, self.phase_keys, self.max_nonfinite = loss_keys, phase_keys, max_nonfinite
+        self.loss_keys, self.max_nonfinite = loss_keys, max_nonfinite
         self.last_saved: Path | None = None  # the newest checkpoint saved (the trainer never saves in a streak)
         self.buffer: list[tuple[int, dict]] = []
         self.num_steps, self.last = num_steps, None  # (step, time) of the previous flush, for steps/s and ETA
@@ -63,8 +67,7 @@ class MetricsLog:
             if int(m.get("halted", 0)) or not int(m.get("ran", 1)):  # stopped, or a phase called out of turn
                 continue
             phase, streak = int(m.get("phase", 0)), int(m.get("nonfinite_run", 0))
-            keep = self.phase_keys[phase] | {"phase"} if self.phase_keys else set(m) - {"halted", "nonfinite_run"}
-            rows.append({"step": int(step), **{k: float(v) for k, v in m.items() if k in keep}})
+            rows.append({"step": int(step), **{k: float(v) for k, v in m.items() if k not in BOOKKEEPING}})
             if streak:
                 log.warning("non-finite step %d (%s=%s; update skipped, %d in a row)", step, self.loss_keys[phase],
                             rows[-1].get(self.loss_keys[phase]), streak)

@@ -188,7 +188,7 @@ def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
     key = jax.random.key(rc.train.seed)
     teacher_params, teacher_sh = frozen_params(rc, mesh, jax.random.fold_in(key, 1))
     p = plan(rc, mesh, teacher_params, null_caption, teacher_sh)
-    runner, abstract, state_sh = p.runner, p.abstract, p.state_sh
+    runner, state_sh = p.runner, p.state_sh
     state = jax.jit(p.init, out_shardings=state_sh)(teacher_params, null_caption, jax.random.fold_in(key, 2))
     del teacher_params
 
@@ -223,11 +223,10 @@ def _run(rc: RunConfig, config, workdir: Path, mesh, claim: dict) -> str:
     peek = to_global(next(pipeline.train_iterator(data_dir, rc.data.split, gb, rc.train.seed, jax.process_index(),
                                                   jax.process_count())))
     if rc.train.stage == "distill":
-        phase_keys = {p: runner.metric_keys(p, abstract, peek) for p in (0, 1)}
         loss_keys = {0: "g_loss", 1: "d_loss"}
     else:
-        phase_keys, loss_keys = None, {0: "recover_loss" if rc.train.stage == "recover" else "flow_loss"}
-    metrics = MetricsLog(workdir, loss_keys, phase_keys, rc.train.max_nonfinite, rc.train.num_steps,
+        loss_keys = {0: "recover_loss" if rc.train.stage == "recover" else "flow_loss"}
+    metrics = MetricsLog(workdir, loss_keys, rc.train.max_nonfinite, rc.train.num_steps,
                          rc.train.log_every)
     metrics.last_saved = ckpts.directory / str(start) if restored else None
     sampler = None

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import inputs, rel_err, tiny
+from conftest import inputs, rel_err, tiny, xla_env
 
 import sprintjax
 from sprintjax.errors import ConfigError, ShapeError
@@ -175,11 +175,10 @@ def test_zero3_blocks_on_eight_devices_match_the_plain_model():
     default and with `zero3_blocks='on'` under any FSDP mesh, never when 'off'): value, weight gradients and
     the forward-mode tangent equal the plain model's; the lowered program gathers explicitly only as ZeRO-3
     (the SPMD partitioner's own gathers appear only after compilation); replicated weights are not gathered."""
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = xla_env(8)
     out = subprocess.run([sys.executable, "-c", ZERO3_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = {case: (float(err), int(n)) for case, err, n in (line.split() for line in out.stdout.splitlines()[-6:])}

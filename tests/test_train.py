@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COMMON, ROOT, SPRINTJAX, STEPS, run
+from conftest import COMMON, ROOT, SPRINTJAX, STEPS, run, xla_env
 
 
 def metrics(workdir):
@@ -46,6 +46,7 @@ def test_reference_run_writes_everything_a_user_expects(reference):
     assert all(np.isfinite(v) for r in rows for v in r.values())
     assert {"g_loss", "scm_loss", "adv_loss", "tangent_norm_raw", "g_grad_norm"} <= rows[0].keys()
     assert {"d_loss", "d_acc_real", "d_acc_fake"} <= rows[1].keys()
+    assert not {"d_loss", "ran", "halted", "nonfinite_run"} & rows[0].keys()  # a phase's own metrics, no bookkeeping
     assert json.loads((wd / "config.json").read_text())["model"]["num_layers"] == 3
     assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [8, 12, 16]  # keep the last 3
@@ -73,7 +74,7 @@ def test_two_processes_over_loopback_match_one_device(reference, tmp_path):
 
 def test_kill_and_resume_is_bitwise_identical(reference, tmp_path):
     wd = tmp_path / "killed"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     cmd = [SPRINTJAX, "train", "--config", "configs/tiny.py", "--workdir", str(wd), *COMMON]
     kill_after = random.Random().choice([4, 8])
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,7 +95,7 @@ def test_kill_and_resume_is_bitwise_identical(reference, tmp_path):
 
 def test_preemption_signal_saves_and_exits_then_resumes(tmp_path):
     wd = tmp_path / "preempt"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     cmd = [SPRINTJAX, "train", "--config", "configs/tiny.py", "--workdir", str(wd), *COMMON,
            "--config.train.num_steps=100000", "--config.train.ckpt_every=100000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -147,7 +148,7 @@ def test_train_teacher_exports_params_and_diffusers(tmp_path):
     from sprintjax.errors import CheckpointError
 
     wd = tmp_path / "teacher"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     out = subprocess.run([SPRINTJAX, "train-teacher", "--config", "configs/tiny.py:teacher", "--workdir", str(wd),
                           "--config.train.num_steps=6", "--config.train.ckpt_every=3", "--config.train.ema_decay=0.5"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
