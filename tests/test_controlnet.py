@@ -138,7 +138,9 @@ def test_a_transformer_folder_is_not_a_controlnet(diffusers_models, controlnets)
 
 def test_copied_controlnet_starts_as_the_base_model_and_its_zero_linears_learn():
     """The official initialisation: embedders and first blocks copied, zero linears -> the controlled model is
-    exactly the base; the zero linears still get a gradient (else the ControlNet could never train)."""
+    the base (up to float32 rounding: the two are separately compiled programs, and the controlled one runs the
+    blocks around the ControlNet's additions; a zero linear that is not zero moves the output by O(1));
+    the zero linears still get a gradient (else the ControlNet could never train)."""
     cfg = tiny(patch_size=2, guidance_embeds=True, qk_norm="rms_norm_across_heads", num_layers=3)
     model, cn = SanaTransformer(cfg), SanaControlNet(controlnet_config(cfg, 2))
     params = model.init(jax.random.key(0))
@@ -146,7 +148,7 @@ def test_copied_controlnet_starts_as_the_base_model_and_its_zero_linears_learn()
     x, t, y, mask, g = inputs(cfg, (8, 8))
     c = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
     base = model.apply(params, x, t, y, mask, g)
-    assert np.array_equal(controlled_apply(model, params, cn, cn_params, x, t, y, c, mask, g), base)
+    assert rel_err(controlled_apply(model, params, cn, cn_params, x, t, y, c, mask, g), base) < 1e-6
 
     def loss(cp):
         return jnp.sum(controlled_apply(model, params, cn, cp, x, t, y, c, mask, g) ** 2)

@@ -57,9 +57,15 @@ def test_reference_run_writes_everything_a_user_expects(reference):
     assert all(np.isfinite(v) for d in diag for v in d.values())
 
 
-def test_eight_fake_devices_with_fsdp_match_one_device(reference, tmp_path):
+def test_eight_fake_devices_with_fsdp_match_one_device_and_runs_resume_across_meshes(reference, tmp_path):
     run(tmp_path / "fsdp", config="configs/tiny.py:fsdp", devices=8)  # mesh data 4 x fsdp 2
     assert_close(metrics(tmp_path / "fsdp"), metrics(reference[0]))
+    # The one-device run resumed on the 8-device FSDP mesh (its programs just compiled: from the cache).
+    wd = tmp_path / "remesh"
+    shutil.copytree(reference[0], wd)
+    out = run(wd, f"--config.train.num_steps={STEPS + 2}", config="configs/tiny.py:fsdp", devices=8)
+    assert f"resumed from the checkpoint at iteration {STEPS}" in out.stderr
+    assert [r["step"] for r in metrics(wd)] == list(range(1, STEPS + 3))
 
 
 def test_two_processes_over_loopback_match_one_device(reference, tmp_path):
@@ -93,7 +99,7 @@ def test_kill_and_resume_is_bitwise_identical(reference, tmp_path):
         assert np.array_equal(x, y)
 
 
-def test_preemption_signal_saves_and_exits_then_resumes(tmp_path):
+def test_preemption_signal_saves_and_exits_then_resumes(reference, tmp_path):  # after it: compiled programs cached
     wd = tmp_path / "preempt"
     env = xla_env(1)
     cmd = [SPRINTJAX, "train", "--config", "configs/tiny.py", "--workdir", str(wd), *COMMON,
@@ -111,14 +117,6 @@ def test_preemption_signal_saves_and_exits_then_resumes(tmp_path):
     assert len(saved) == 1 and saved[0] >= 4
     out = run(wd, f"--config.train.num_steps={saved[0] + 2}")
     assert f"resumed from the checkpoint at iteration {saved[0]}" in out.stderr
-
-
-def test_resume_on_a_different_mesh(reference, tmp_path):
-    wd = tmp_path / "remesh"
-    shutil.copytree(reference[0], wd)
-    out = run(wd, f"--config.train.num_steps={STEPS + 2}", config="configs/tiny.py:fsdp", devices=4)
-    assert f"resumed from the checkpoint at iteration {STEPS}" in out.stderr
-    assert [r["step"] for r in metrics(wd)] == list(range(1, STEPS + 3))
 
 
 def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(reference, tmp_path):
