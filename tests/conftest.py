@@ -9,7 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # run's generator step: 15.3 -> 4.6 s; the whole run 42 -> 22 s), and results differ only by rounding.
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS} {FAST_COMPILE}".strip()
+TEST_XLA_FLAGS = f"{USER_XLA_FLAGS} {FAST_COMPILE}".strip()
+os.environ["XLA_FLAGS"] = TEST_XLA_FLAGS
 # Items that mostly run rather than compile keep the optimisations (trigflow_transform samples 100 prompts x 20
 # steps twice: 43 s optimised, 81 s unoptimised, 39 s with the fusion emitters off alone).
 RUN_HEAVY = {"notebooks/trigflow_transform.ipynb": "--xla_cpu_use_fusion_emitters=false"}
@@ -37,12 +38,14 @@ LONGEST_FIRST = ("tests/test_control_training.py::test_controlnet_stage_then_con
                  "tests/test_recover.py")
 
 
+def named(item, prefix: str) -> bool:
+    """Whether `prefix` (a file or a test's node id) names the item."""
+    return item.nodeid == prefix or item.nodeid.startswith(prefix + "::")
+
+
 def pytest_collection_modifyitems(items):
     def rank(item):
-        for i, prefix in enumerate(LONGEST_FIRST):
-            if item.nodeid == prefix or item.nodeid.startswith(prefix + "::"):
-                return i
-        return len(LONGEST_FIRST)
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if named(item, prefix)), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: file order within each file
 
@@ -53,14 +56,14 @@ class RunHeavyFlags:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item):
-        flags = next((f for prefix, f in RUN_HEAVY.items() if item.nodeid.startswith(prefix)), None)
+        flags = next((f for prefix, f in RUN_HEAVY.items() if named(item, prefix)), None)
         if flags is None:
             return (yield)
         os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS} {flags}".strip()
         try:
             return (yield)
         finally:
-            os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS} {FAST_COMPILE}".strip()
+            os.environ["XLA_FLAGS"] = TEST_XLA_FLAGS
 
 
 def pytest_configure(config):
@@ -128,7 +131,7 @@ COMMON = [f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=4", "-
 def xla_env(devices=1):
     """The environment of a subprocess with `devices` fake CPU devices (and this suite's compile flags)."""
     return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"{USER_XLA_FLAGS} {FAST_COMPILE} --xla_force_host_platform_device_count={devices}".strip())
+                XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}")
 
 
 def run(workdir, *extra, config="configs/tiny.py", devices=1, check=True, timeout=600):

@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import tiny
 
 from sprintjax.data import edges
 from sprintjax.errors import ConfigError
@@ -236,8 +237,6 @@ def test_controlled_generator_lowers_to_executorch(tmp_path):
     """The controlled generator (a fourth input, the ControlNet's block samples added in the graph) lowered by
     XNNPACK runs in ExecuTorch like sprintjax's sampler; random weights of a two-block model with a trained-looking
     (non-zero) ControlNet, so the control input matters."""
-    from conftest import tiny
-
     from sprintjax.controlnet import SanaControlNet, controlnet_config
     from sprintjax.convert import mobile
     from sprintjax.model import SanaTransformer
